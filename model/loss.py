@@ -1,0 +1,71 @@
+"""Cross-entropy over the output layer, computed in row chunks so the (N, vocab) logits never exist at once.
+
+With gradients, the forward pass also computes d(loss)/d(hidden) and d(loss)/d(weight) chunk by chunk
+(softmax − one-hot, times the chunk's inputs) and backward only scales them: no logits are kept for backward and
+no separate log-softmax backward runs. On CPU the plain path is memory-bound at this size, so this is where much
+of the training-step time goes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+DEFAULT_CHUNK = 2048
+
+
+def _chunk_ce(h: Tensor, weight: Tensor, t: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-chunk fp32 logits (c, V), their logsumexp (c,) and the summed loss over valid rows."""
+    logits = (h @ weight.t()).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    valid = t != ignore_index
+    target_logit = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+    return logits, lse, ((lse - target_logit) * valid).sum()
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, chunk: int) -> Tensor:  # type: ignore[override]
+        n_valid = (targets != ignore_index).sum().clamp(min=1)
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for s in range(0, hidden.shape[0], chunk):
+            h, t = hidden[s : s + chunk], targets[s : s + chunk]
+            logits, lse, loss = _chunk_ce(h, weight, t, ignore_index)
+            total += loss
+            # d(mean loss)/d(logits) = (softmax − onehot) / n_valid on valid rows, 0 on ignored rows
+            g = torch.exp_(logits.sub_(lse[:, None]))
+            valid = t != ignore_index
+            rows = torch.nonzero(valid).squeeze(1)
+            g[rows, t[rows]] -= 1.0
+            g.mul_((valid.float() / n_valid)[:, None])
+            g = g.to(h.dtype)
+            if grad_h is not None:
+                grad_h[s : s + chunk] = g @ weight.to(g.dtype)
+            if grad_w is not None:
+                grad_w += g.t() @ h
+        ctx.save_for_backward(grad_h if grad_h is not None else hidden.new_empty(0),
+                              grad_w.to(weight.dtype) if grad_w is not None else weight.new_empty(0))
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        dh = grad_h * grad_out.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
+        dw = grad_w * grad_out.to(grad_w.dtype) if ctx.needs_input_grad[1] else None
+        return dh, dw, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100, chunk: int = DEFAULT_CHUNK
+) -> Tensor:
+    """Mean CE of ``hidden (N, d) @ weight.T (V, d)`` against ``targets (N,)``; rows at ``ignore_index`` skipped."""
+    if hidden.shape[0] != targets.shape[0]:
+        raise ValueError(f"hidden has {hidden.shape[0]} rows but targets has {targets.shape[0]}")
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, hidden.shape[0], chunk):
+        total += _chunk_ce(hidden[s : s + chunk], weight, targets[s : s + chunk], ignore_index)[2]
+    return total / (targets != ignore_index).sum().clamp(min=1)
