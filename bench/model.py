@@ -46,7 +46,7 @@ def build_pair(config: ModelConfig, device: str) -> tuple[InternLM2, LlamaForCau
 
 
 def train_step_fn(model: torch.nn.Module, kind: str, bf16: bool, compiled: bool, device: str) -> Callable:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     if kind == "ours":
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return model.loss(x, y)
@@ -63,7 +63,7 @@ def train_step_fn(model: torch.nn.Module, kind: str, bf16: bool, compiled: bool,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from model.config import ModelConfig
 from model.convert import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
 from model.model import InternLM2
+from model.tokenizer import Tokenizer
 
 NATIVE_CONFIG = "lmforge.json"
 WEIGHTS = "model.safetensors"
@@ -115,18 +116,26 @@ def _load_lightning(path: Path) -> InternLM2:
 def export_hf(
     model: InternLM2, out_dir: str | Path, *, tokenizer_file: str | Path | None = None, dtype: torch.dtype | None = None
 ) -> Path:
-    """Write a transformers-loadable Llama directory (safetensors, config.json, tokenizer if given)."""
+    """Write a transformers-loadable Llama directory (safetensors, config.json, generation config, tokenizer)."""
+    tok = _matching_tokenizer(tokenizer_file, model.config) if tokenizer_file is not None else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = dtype or torch.float32
     state = to_hf_state_dict({k: v.detach().cpu().to(dtype) for k, v in model.state_dict().items()}, model.config)
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
     dtype_name = str(dtype).removeprefix("torch.")
-    ids = {"bos_id": 1, "eos_id": 2}
-    (out / "config.json").write_text(json.dumps(to_hf_config(model.config, dtype=dtype_name, **ids), indent=2))
-    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2))
-    if tokenizer_file is not None:
-        from model.tokenizer import Tokenizer
-
-        Tokenizer.from_file(tokenizer_file).save_hf(out)
+    (out / "config.json").write_text(json.dumps(to_hf_config(model.config, dtype=dtype_name), indent=2))
+    eos: list[int] = [2]
+    if tok is not None:
+        tok.save_hf(out, model_max_length=model.config.max_seq_len)
+        eos.append(tok.token_id("<|im_end|>"))  # chat models stop at the end of their turn too
+    generation = {"bos_token_id": 1, "eos_token_id": eos if len(eos) > 1 else eos[0], "pad_token_id": 2}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return out
+
+
+def _matching_tokenizer(path: str | Path, config: ModelConfig) -> Tokenizer:
+    tok = Tokenizer.from_file(path)
+    if tok.vocab_size != config.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {tok.vocab_size} tokens, model vocab_size is {config.vocab_size}")
+    return tok

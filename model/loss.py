@@ -23,6 +23,27 @@ def _chunk_ce(h: Tensor, weight: Tensor, t: Tensor, ignore_index: int) -> tuple[
     return logits, lse, ((lse - target_logit) * valid).sum()
 
 
+def _chunk_softmax_grad(
+    h: Tensor, weight: Tensor, t: Tensor, ignore_index: int, n_valid: Tensor
+) -> tuple[Tensor, Tensor]:
+    """d(mean loss)/d(logits) for one chunk, (softmax − onehot)/n_valid on valid rows, and the chunk's loss sum.
+
+    One exp pass serves both the log-sum-exp and the softmax; the softmax is built in place in the fp32 logits.
+    """
+    z = h @ weight.t()  # (c, V) in the matmul dtype (bf16 under autocast): the gradient matmuls run in it too
+    valid = t != ignore_index
+    safe_t = t.clamp(min=0)[:, None]
+    m = z.amax(dim=-1, keepdim=True).float()
+    e = torch.sub(z, m).exp_()  # fp32 exp(z − max): the upcast rides on the subtraction, no separate copy
+    total = e.sum(dim=-1, keepdim=True)
+    target_logit = z.gather(1, safe_t).squeeze(1).float()
+    loss = ((m.squeeze(1) + total.log().squeeze(1) - target_logit) * valid).sum()
+    e.scatter_add_(1, safe_t, -total)  # softmax·total − onehot·total, scaled below in the same pass as the downcast
+    g = torch.empty_like(z)
+    torch.mul(e, valid[:, None] / (total * n_valid), out=g)  # (softmax − onehot) / n_valid, 0 on ignored rows
+    return g, loss
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, chunk: int) -> Tensor:  # type: ignore[override]
@@ -32,21 +53,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         for s in range(0, hidden.shape[0], chunk):
             h, t = hidden[s : s + chunk], targets[s : s + chunk]
-            logits, lse, loss = _chunk_ce(h, weight, t, ignore_index)
+            g, loss = _chunk_softmax_grad(h, weight, t, ignore_index, n_valid)
             total += loss
-            # d(mean loss)/d(logits) = (softmax − onehot) / n_valid on valid rows, 0 on ignored rows
-            g = torch.exp_(logits.sub_(lse[:, None]))
-            valid = t != ignore_index
-            rows = torch.nonzero(valid).squeeze(1)
-            g[rows, t[rows]] -= 1.0
-            g.mul_((valid.float() / n_valid)[:, None])
-            g = g.to(h.dtype)
             if grad_h is not None:
                 grad_h[s : s + chunk] = g @ weight.to(g.dtype)
             if grad_w is not None:
-                grad_w += g.t() @ h
-        ctx.save_for_backward(grad_h if grad_h is not None else hidden.new_empty(0),
-                              grad_w.to(weight.dtype) if grad_w is not None else weight.new_empty(0))
+                grad_w += g.t() @ h.to(g.dtype)
+        ctx.save_for_backward(
+            grad_h if grad_h is not None else hidden.new_empty(0),
+            grad_w.to(weight.dtype) if grad_w is not None else weight.new_empty(0),
+        )
         return total / n_valid
 
     @staticmethod
