@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -26,15 +27,16 @@ def presets() -> None:
 
 @app.command("export-hf")
 def export_hf(
-    checkpoint: Path = typer.Argument(..., help="lmforge checkpoint dir, Lightning .ckpt, or HF Llama dir"),
-    out: Path = typer.Argument(..., help="output directory (created)"),
-    tokenizer: Path | None = typer.Option(None, help="tokenizer.json; default: the one beside the checkpoint"),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    checkpoint: Annotated[Path, typer.Argument(help="lmforge checkpoint dir, Lightning .ckpt, or HF Llama dir")],
+    out: Annotated[Path, typer.Argument(help="output directory (created)")],
+    tokenizer: Annotated[Path | None, typer.Option(help="tokenizer.json; default: the one beside it")] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
 ) -> None:
     """Export a checkpoint as a transformers-loadable Llama model (safetensors + config.json + tokenizer)."""
     import torch
 
-    from model.checkpoint import TOKENIZER, CheckpointError, export_hf as do_export, load_model
+    from model.checkpoint import TOKENIZER, CheckpointError, load_model
+    from model.checkpoint import export_hf as do_export
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:

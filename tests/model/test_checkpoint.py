@@ -70,7 +70,8 @@ def test_bf16_export_halves_the_weights(tmp_path: Path) -> None:
     export_hf(small_model(), tmp_path / "bf16", dtype=torch.bfloat16)
     export_hf(small_model(), tmp_path / "fp32")
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    ratio = (tmp_path / "bf16" / "model.safetensors").stat().st_size / (tmp_path / "fp32" / "model.safetensors").stat().st_size
+    sizes = [(tmp_path / d / "model.safetensors").stat().st_size for d in ("bf16", "fp32")]
+    ratio = sizes[0] / sizes[1]
     assert 0.45 < ratio < 0.55
 
 
@@ -128,6 +129,7 @@ def test_cli_export_hf(tmp_path: Path, tokenizer_file: Path) -> None:
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in (tmp_path / "hf").iterdir()}
     bad = runner.invoke(app, ["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "x"), "--dtype", "int8"])
-    assert bad.exit_code == 2 and "float32, bfloat16, float16, got 'int8'" in " ".join(bad.output.replace("│", " ").split())
+    assert bad.exit_code == 2
+    assert "float32, bfloat16, float16, got 'int8'" in " ".join(bad.output.replace("│", " ").split())
     missing = runner.invoke(app, ["export-hf", str(tmp_path / "none"), str(tmp_path / "y")])
     assert missing.exit_code == 2 and "checkpoint not found" in missing.output
