@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -52,6 +53,70 @@ def export_hf(
         raise typer.Exit(2) from exc
     note = "" if tokenizer else " (no tokenizer found: pass --tokenizer to include one)"
     console.print(f"exported {checkpoint} → {out}{note}")
+
+
+def _where(root: str | None, run_name: str | None, tracking_uri: str | None) -> Any:
+    from flows.params import Where
+
+    return Where(root=root, run_name=run_name, tracking_uri=tracking_uri)
+
+
+def _show_result(title: str, result: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=False)
+    for key, value in result.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
+    console.print(table)
+
+
+RootOpt = Annotated[str | None, typer.Option("--root", help="local path or s3:// URL (default: LMFORGE_ROOT)")]
+RunNameOpt = Annotated[str | None, typer.Option(help="directory under the root (default: the preset)")]
+TrackingOpt = Annotated[str | None, typer.Option(help="MLflow tracking URI (default: sqlite beside the root)")]
+PresetOpt = Annotated[str, typer.Option(help="smoke, tiny, small, internlm2-1_8b, internlm2-7b, internlm2-20b")]
+
+
+@app.command("run")
+def run(
+    preset: PresetOpt = "tiny",
+    input: Annotated[str | None, typer.Option("--input", help="raw JSONL corpus dir; default: built in")] = None,
+    root: RootOpt = None,
+    run_name: RunNameOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Run the whole pipeline (the same flow the `pipeline` deployment runs)."""
+    from flows.pipeline import PipelineParams, pipeline_flow
+    from tasks.presets import pipeline_preset
+
+    _check_preset(preset, pipeline_preset)
+    params = PipelineParams(preset=preset, input=input, where=_where(root, run_name, tracking_uri))
+    _show_result(f"pipeline ({preset})", pipeline_flow(params))
+
+
+@app.command("pretrain")
+def pretrain(
+    tokens: Annotated[str, typer.Option(help="token-shard manifest URL (…/tokens/manifest.json)")],
+    output: Annotated[str, typer.Option("--output", help="directory URL for the phases")],
+    preset: PresetOpt = "tiny",
+    init: Annotated[str | None, typer.Option(help="checkpoint URL to start phase 1 from")] = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Run the three pretraining phases on existing token shards (the `pretrain` deployment's flow)."""
+    from flows.pretrain import PretrainParams, pretrain_flow
+    from tasks.presets import pipeline_preset
+
+    _check_preset(preset, pipeline_preset)
+    params = PretrainParams(tokens=tokens, output=output, preset=preset, init=init,
+                            where=_where(None, None, tracking_uri))
+    for phase in pretrain_flow(params):
+        _show_result(phase["name"], {k: v for k, v in phase.items() if k != "losses"})
+
+
+def _check_preset(preset: str, lookup: Any) -> None:
+    from model.config import ConfigError
+
+    try:
+        lookup(preset)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--preset") from exc
 
 
 def main() -> None:

@@ -1,0 +1,53 @@
+"""Parameters shared by the flows: typed, so Prefect validates them and the UI renders a form."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pydantic import BaseModel, Field
+
+from infra import storage
+from infra.settings import default_tracking_uri, get_settings
+from infra.tracking import FLOW_RUN_TAG, RunRef, open_tracker
+
+
+class Where(BaseModel):
+    root: str | None = Field(None, description="where everything is written: a local path or s3://bucket/prefix "
+                                                "(default: LMFORGE_ROOT, else ./.lmforge)")
+    run_name: str | None = Field(None, description="directory under the root for this run (default: the preset); "
+                                                    "the same name resumes and reuses finished stages")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: LMFORGE_TRACKING_URI, else "
+                                                        "sqlite:///<root>/mlflow.db)")
+
+    def workdir(self, preset: str) -> str:
+        return storage.join(self.root or get_settings().root, self.run_name or preset)
+
+    def tracking(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        settings = get_settings()
+        if self.root is None or settings.tracking_uri != default_tracking_uri(settings.root):
+            return str(settings.tracking_uri)  # LMFORGE_TRACKING_URI, or the default beside LMFORGE_ROOT
+        return default_tracking_uri(self.root)
+
+
+@contextmanager
+def parent_run(where: Where, run_name: str, tags: dict[str, str], given: RunRef | None = None) -> Iterator[RunRef]:
+    """The MLflow parent run of one flow run, tagged with the Prefect flow-run id; ended FAILED if the flow raises.
+
+    With ``given`` (a parent opened by an enclosing flow) that run is used and left for its owner to end.
+    """
+    if given is not None:
+        yield given
+        return
+    from prefect.runtime import flow_run
+
+    tracker = open_tracker(where.tracking())
+    ref = tracker.start_parent(run_name, {FLOW_RUN_TAG: str(flow_run.id or ""), **tags})
+    try:
+        yield ref
+    except BaseException:
+        tracker.end(ref, "FAILED")
+        raise
+    tracker.end(ref, "FINISHED")

@@ -1,0 +1,48 @@
+"""The whole pipeline: corpus → tokenizer → token shards → pretraining phases 1–3 → HF export.
+
+Every stage writes under ``<root>/<run_name>/`` and is a cached, retryable task: re-running with the same parameters
+reuses finished stages, and an interrupted training phase resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from flows.params import Where, parent_run
+from flows.pretrain import PretrainParams, pretrain_flow
+from infra import storage
+from infra.tracking import tracker_for
+from model.config import get_preset
+from tasks.presets import pipeline_preset
+from tasks.stages import corpus_task, export_task, tokenize_task, tokenizer_task
+
+
+class PipelineParams(BaseModel):
+    preset: str = Field("tiny", description="smoke, tiny, small, internlm2-1_8b, internlm2-7b, internlm2-20b")
+    input: str | None = Field(None, description="raw JSONL corpus directory (local or s3://); default: built in")
+    where: Where = Field(default_factory=Where)
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline_flow(params: PipelineParams = PipelineParams()) -> dict[str, Any]:  # noqa: B008 (the UI form default)
+    plan = pipeline_preset(params.preset)
+    work = params.where.workdir(params.preset)
+    vocab = get_preset(plan.model).vocab_size
+    with parent_run(params.where, f"pipeline-{params.preset}", {"preset": params.preset, "root": work}) as parent:
+        corpus = params.input or corpus_task(storage.join(work, "corpus"), plan.corpus, parent)
+        tokenizer = tokenizer_task(corpus, storage.join(work, "tokenizer"), vocab, plan.tokenizer_sample_bytes, parent)
+        tokens = tokenize_task(corpus, tokenizer, storage.join(work, "tokens"), parent)
+        pretrain = PretrainParams(tokens=tokens, output=storage.join(work, "pretrain"), preset=params.preset,
+                                  where=params.where, parent_run=parent)
+        phases = pretrain_flow(pretrain)
+        hf = export_task(phases[-1]["native_url"], tokenizer, storage.join(work, "export", "hf"), parent)
+        losses = {p["name"]: p["final_loss"] for p in phases}
+        tracker_for(parent).log_metrics(parent, {f"final_loss/{k}": v for k, v in losses.items()})
+    return {"workdir": work, "mlflow_run_id": parent.run_id, "export": hf, "final_losses": losses}
+
+
+if __name__ == "__main__":
+    print(pipeline_flow(PipelineParams(preset="smoke")))

@@ -1,0 +1,46 @@
+"""Pretraining flow: phase 1 (short context, RoPE 50k) → phase 2 (8× context, RoPE 1M, half short data) → phase 3
+(capability mix, smaller LR). Each phase is a retryable task that resumes from its last checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from pydantic import BaseModel, Field
+from tasks.pretrain import PhaseSpec
+
+from flows.params import Where, parent_run
+from infra import storage
+from infra.tracking import RunRef
+from tasks.presets import pipeline_preset
+from tasks.stages import phase_task
+
+
+class PretrainParams(BaseModel):
+    tokens: str = Field(description="token-shard manifest URL (…/tokens/manifest.json)")
+    output: str = Field(description="directory URL for the phases' checkpoints")
+    preset: str = Field("tiny", description="pipeline preset: smoke, tiny, small, internlm2-1_8b, -7b, -20b")
+    init: str | None = Field(None, description="weights to start phase 1 from (a checkpoint URL); default random")
+    where: Where = Field(default_factory=Where)
+    parent_run: RunRef | None = Field(None, description="MLflow parent run (set by the pipeline flow)")
+
+
+@flow(name="pretrain", log_prints=True)
+def pretrain_flow(params: PretrainParams) -> list[dict[str, Any]]:
+    plan = pipeline_preset(params.preset)
+    init, results = params.init, []
+    with parent_run(params.where, f"pretrain-{params.preset}", {"preset": params.preset}, params.parent_run) as parent:
+        for i, phase in enumerate(plan.phases):
+            spec = PhaseSpec(**phase.spec)
+            out = storage.join(params.output, spec.name)
+            config = plan.model_config_for(i).to_dict()
+            result = phase_task(spec, config, params.tokens, out, init, phase.mix.model_dump(), parent)
+            init = result["native_url"]
+            results.append({"name": spec.name, **result})
+    return results
+
+
+if __name__ == "__main__":
+    import sys
+
+    pretrain_flow(PretrainParams(tokens=sys.argv[1], output=sys.argv[2], preset="smoke"))

@@ -1,0 +1,84 @@
+"""Pipeline presets: one name picks the model shape, the corpus size, the tokenizer sample and the three phases.
+
+Phase schedules for ``smoke``/``tiny``/``small`` are sized for CPUs (minutes, visible learning) with learning rates
+suited to their size; the paper-shape presets follow the report: AdamW peak 3e-4, 4M-token batches, phase 2 at 8×
+the context with RoPE base 1M and half the tokens from short documents, phase 3 at a smaller LR and batch. Step
+counts for the paper shapes are placeholders for a cluster budget (the report trains 2.0–2.6T tokens) and meant to be
+overridden.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from model.config import ConfigError, ModelConfig, get_preset
+from tasks.phases import PhaseMix
+
+
+class PhasePlan(BaseModel):
+    """One phase: its schedule (``PhaseSpec`` fields) and its data mix."""
+
+    spec: dict[str, Any]
+    mix: PhaseMix = Field(default_factory=PhaseMix)
+
+
+class PipelinePreset(BaseModel):
+    model: str
+    corpus: str
+    tokenizer_sample_bytes: int
+    phases: list[PhasePlan]
+
+    def model_config_for(self, index: int) -> ModelConfig:
+        """Phase ``index``'s model: the base shape with that phase's RoPE base and the longest context so far."""
+        base = get_preset(self.model)
+        seq = max([base.max_seq_len, *(p.spec["seq_len"] for p in self.phases[: index + 1])])
+        return base.replace(rope_theta=float(self.phases[index].spec["rope_theta"]), max_seq_len=seq)
+
+
+def _phases(
+    seq: int, *, steps: tuple[int, int, int], batch: tuple[int, int, int], accum: tuple[int, int, int],
+    lr: float, every: int, precision: str = "bf16-mixed",
+) -> list[PhasePlan]:
+    """The three InternLM2 phases around a phase-1 context of ``seq`` tokens."""
+    common = {"precision": precision, "seed": 1234, "checkpoint_every": every}
+    warm = [max(1, s // 20) for s in steps]
+    return [
+        PhasePlan(spec={"name": "phase1_short", "seq_len": seq, "rope_theta": 50_000.0, "max_steps": steps[0],
+                        "batch_size": batch[0], "accumulate": accum[0], "lr": lr, "warmup_steps": warm[0], **common}),
+        PhasePlan(spec={"name": "phase2_long", "seq_len": 8 * seq, "rope_theta": 1_000_000.0, "max_steps": steps[1],
+                        "batch_size": batch[1], "accumulate": accum[1], "lr": lr / 2, "warmup_steps": warm[1],
+                        **common},
+                  mix=PhaseMix(kind="long_short", name="long-half-short", long_threshold=seq, long_fraction=0.5)),
+        PhasePlan(spec={"name": "phase3_capability", "seq_len": seq, "rope_theta": 1_000_000.0,
+                        "max_steps": steps[2], "batch_size": batch[2], "accumulate": accum[2], "lr": lr / 4,
+                        "warmup_steps": warm[2], **common},
+                  mix=PhaseMix(kind="capability", name="code-and-docs", weights={"code": 0.5, "text": 0.5})),
+    ]
+
+
+PIPELINE_PRESETS: dict[str, PipelinePreset] = {
+    "smoke": PipelinePreset(model="smoke", corpus="smoke", tokenizer_sample_bytes=2_000_000,
+                            phases=_phases(64, steps=(12, 4, 4), batch=(4, 1, 2), accum=(1, 1, 1), lr=3e-3,
+                                           every=4, precision="32-true")),
+    "tiny": PipelinePreset(model="tiny", corpus="tiny", tokenizer_sample_bytes=20_000_000,
+                           phases=_phases(256, steps=(500, 100, 100), batch=(8, 1, 4), accum=(1, 2, 1), lr=2e-3,
+                                          every=100)),
+    "small": PipelinePreset(model="small", corpus="small", tokenizer_sample_bytes=50_000_000,
+                            phases=_phases(512, steps=(3000, 400, 400), batch=(8, 1, 4), accum=(2, 2, 2),
+                                           lr=1e-3, every=250)),
+    **{
+        name: PipelinePreset(model=name, corpus="full", tokenizer_sample_bytes=500_000_000,
+                             phases=_phases(4096, steps=(45_000, 4_500, 1_000), batch=(8, 1, 4), accum=(128, 128, 64),
+                                            lr=3e-4, every=500))
+        for name in ("internlm2-1_8b", "internlm2-7b", "internlm2-20b")
+    },
+}
+
+
+def pipeline_preset(name: str) -> PipelinePreset:
+    try:
+        return PIPELINE_PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {', '.join(PIPELINE_PRESETS)}") from None

@@ -1,0 +1,124 @@
+"""Prefect tasks for the pipeline's stages: thin wrappers that add retries, caching, MLflow child runs and artifacts.
+
+Caching is keyed on the task's source and its inputs except the MLflow parent run (a new one each pipeline run), so a
+re-run with the same parameters skips finished stages. Training stages resume from their last checkpoint on a retry.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from infra import storage
+from infra.settings import get_logger
+from infra.tracking import RunRef
+from model.config import ModelConfig
+from tasks.corpus import build_corpus, corpus_config
+from tasks.reporting import PrefectProgress, log_loss_plot, stage_run, table_artifact
+
+log = get_logger(__name__)
+
+CACHE = TASK_SOURCE + INPUTS - "parent"
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": 5}
+
+
+@task(name="build-corpus", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+def corpus_task(out_url: str, preset: str, parent: RunRef) -> str:
+    """The built-in corpus for a preset; returns the corpus URL."""
+    config = corpus_config(preset)
+    with stage_run(parent, "corpus", {"preset": preset, **vars(config)}) as (tracker, ref):
+        manifest = build_corpus(out_url, config)
+        counts = {f"docs/{source}": n for source, n in manifest.docs_per_source.items()}
+        tracker.log_metrics(ref, {**counts, "code_files": manifest.code_files, "bytes": manifest.total_bytes})
+        rows = [{"source": s, "documents": n} for s, n in sorted(manifest.docs_per_source.items())]
+        table_artifact("corpus", [*rows, {"source": "code (stdlib)", "documents": manifest.code_files}],
+                       f"built-in corpus at {out_url}")
+    return out_url
+
+
+@task(name="train-tokenizer", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+def tokenizer_task(corpus_url: str, out_url: str, vocab_size: int, sample_bytes: int, parent: RunRef) -> str:
+    """BPE on a sample of the corpus; returns the tokenizer.json URL."""
+    from tasks.tokenize import train_tokenizer
+
+    params = {"vocab_size": vocab_size, "sample_bytes": sample_bytes, "corpus": corpus_url}
+    with stage_run(parent, "tokenizer", params) as (tracker, ref):
+        url = train_tokenizer(corpus_url, out_url, vocab_size, sample_bytes=sample_bytes)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "tokenizer.json"
+            local.write_bytes(storage.read_bytes(url))
+            tracker.log_artifact(ref, local, "tokenizer")
+    return url
+
+
+@task(name="tokenize", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+def tokenize_task(corpus_url: str, tokenizer_url: str, out_url: str, parent: RunRef) -> str:
+    """Token shards for every corpus shard; returns the manifest URL."""
+    from tasks.tokenize import tokenize_corpus
+
+    with stage_run(parent, "tokenize", {"corpus": corpus_url, "tokenizer": tokenizer_url}) as (tracker, ref):
+        manifest = tokenize_corpus(corpus_url, tokenizer_url, out_url)
+        tracker.log_metrics(ref, {"tokens": manifest.total_tokens, "documents": manifest.total_docs})
+        table_artifact("token-shards", [{"shard": s.name, "kind": s.kind, "documents": s.n_docs, "tokens": s.n_tokens}
+                                        for s in manifest.shards], f"token shards at {out_url}")
+    return storage.join(out_url, "manifest.json")
+
+
+@task(name="pretrain-phase", cache_policy=CACHE, persist_result=True, retries=2, retry_delay_seconds=10)
+def phase_task(
+    spec: Any, model_config: dict[str, Any], tokens_manifest: str, out_url: str, init: str | None,
+    mix: dict[str, Any], parent: RunRef,
+) -> dict[str, Any]:
+    """One pretraining phase; a retry resumes from the phase's last checkpoint."""
+    from tasks.phases import phase_documents
+    from tasks.pretrain import run_phase
+    from tasks.tokenize import local_shards
+
+    config = ModelConfig.from_dict(model_config)
+    params = {"phase": spec.model_dump() if hasattr(spec, "model_dump") else vars(spec), "model": model_config,
+              "mix": mix, "init": init or "random"}
+    with stage_run(parent, f"pretrain/{spec.name}", params) as (tracker, ref):
+        shards = local_shards(tokens_manifest, _cache_dir(tokens_manifest))
+        doc_ids, shares = phase_documents(tokens_manifest, shards, spec, mix)
+        tracker.log_metrics(ref, shares)
+        result = run_phase(spec, config, shards, doc_ids, out_url, init_weights=init,
+                           mlflow=(ref.tracking_uri, ref.run_id) if ref.enabled else None,
+                           callbacks=[PrefectProgress(key=f"pretrain-{spec.name}".replace("_", "-"))])
+        log_loss_plot(tracker, ref, result.losses, f"{spec.name}: train loss")
+        table_artifact(f"pretrain-{spec.name}".replace("_", "-"), [_result_row(spec.name, result)],
+                       f"pretraining phase {spec.name}")
+    return result.model_dump()
+
+
+def _result_row(name: str, result: Any) -> dict[str, Any]:
+    return {"phase": name, "steps": result.steps, "tokens": result.tokens, "first loss": round(result.first_loss, 4),
+            "final loss": round(result.final_loss, 4), "seconds": round(result.seconds, 1)}
+
+
+def _cache_dir(url: str) -> Path:
+    """A local cache for remote token shards (a local manifest's shards are read in place)."""
+    import hashlib
+
+    key = hashlib.sha1(url.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "lmforge-cache" / key
+
+
+@task(name="export-hf", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+def export_task(native_url: str, tokenizer_url: str, out_url: str, parent: RunRef) -> str:
+    """The final checkpoint as a transformers-loadable Llama directory under ``out_url``."""
+    from model.checkpoint import export_hf, load_model
+
+    with stage_run(parent, "export", {"checkpoint": native_url, "tokenizer": tokenizer_url}) as (tracker, ref):
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = Path(tmp) / "ckpt"
+            storage.download_dir(native_url, str(ckpt))
+            tok = Path(tmp) / "tokenizer.json"
+            tok.write_bytes(storage.read_bytes(tokenizer_url))
+            out = export_hf(load_model(ckpt), Path(tmp) / "hf", tokenizer_file=tok)
+            storage.upload_dir(str(out), out_url)
+            tracker.log_artifact(ref, out, "hf")
+    return out_url
