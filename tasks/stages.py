@@ -58,14 +58,16 @@ def tokenizer_task(corpus_url: str, out_url: str, vocab_size: int, sample_bytes:
 @task(name="tokenize", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
 def tokenize_task(corpus_url: str, tokenizer_url: str, out_url: str, parent: RunRef) -> str:
     """Token shards for every corpus shard; returns the manifest URL."""
-    from tasks.tokenize import tokenize_corpus
+    from tasks.tokenize import token_manifest_url, tokenize_corpus
 
     with stage_run(parent, "tokenize", {"corpus": corpus_url, "tokenizer": tokenizer_url}) as (tracker, ref):
         manifest = tokenize_corpus(corpus_url, tokenizer_url, out_url)
-        tracker.log_metrics(ref, {"tokens": manifest.total_tokens, "documents": manifest.total_docs})
-        table_artifact("token-shards", [{"shard": s.name, "kind": s.kind, "documents": s.n_docs, "tokens": s.n_tokens}
-                                        for s in manifest.shards], f"token shards at {out_url}")
-    return storage.join(out_url, "manifest.json")
+        per_kind = {f"tokens/{kind}": n for kind, n in manifest.tokens_per_kind.items()}
+        tracker.log_metrics(ref, {"tokens": manifest.n_tokens, "documents": manifest.n_docs, **per_kind})
+        rows = [{"shard": s.tokens, "kind": s.kind, "documents": s.n_docs, "tokens": s.n_tokens}
+                for s in manifest.shards]
+        table_artifact("token-shards", rows, f"token shards at {out_url}")
+    return token_manifest_url(out_url)
 
 
 @task(name="pretrain-phase", cache_policy=CACHE, persist_result=True, retries=2, retry_delay_seconds=10)
