@@ -34,7 +34,7 @@ def pipeline_flow(params: PipelineParams = PipelineParams()) -> dict[str, Any]: 
     with parent_run(params.where, f"pipeline-{params.preset}", {"preset": params.preset, "root": work}) as parent:
         corpus = params.input or corpus_task(storage.join(work, "corpus"), plan.corpus, parent)
         tokenizer = tokenizer_task(corpus, storage.join(work, "tokenizer"), vocab, plan.tokenizer_sample_bytes, parent)
-        tokens = tokenize_task(corpus, tokenizer, storage.join(work, "tokens"), parent)
+        tokens = tokenize_task(corpus, tokenizer, work, parent)  # writes <work>/tokens/
         pretrain = PretrainParams(tokens=tokens, output=storage.join(work, "pretrain"), preset=params.preset,
                                   where=params.where, parent_run=parent)
         phases = pretrain_flow(pretrain)

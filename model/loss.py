@@ -11,7 +11,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-DEFAULT_CHUNK = 2048
+CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 logits a chunk: small enough for the allocator to reuse, big for the GEMM
+
+
+def default_chunk(vocab_size: int) -> int:
+    """Rows per chunk so one chunk's fp32 logits stay near ``CHUNK_ELEMENTS``."""
+    return max(128, min(8192, CHUNK_ELEMENTS // vocab_size))
 
 
 def _chunk_ce(h: Tensor, weight: Tensor, t: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -33,15 +38,17 @@ def _chunk_softmax_grad(
     z = h @ weight.t()  # (c, V) in the matmul dtype (bf16 under autocast): the gradient matmuls run in it too
     valid = t != ignore_index
     safe_t = t.clamp(min=0)[:, None]
-    m = z.amax(dim=-1, keepdim=True).float()
-    e = torch.sub(z, m).exp_()  # fp32 exp(z − max): the upcast rides on the subtraction, no separate copy
-    total = e.sum(dim=-1, keepdim=True)
     target_logit = z.gather(1, safe_t).squeeze(1).float()
+    m = z.amax(dim=-1, keepdim=True).float()
+    # fp32 exp(z − max); in place when z is fp32 already, else the upcast rides on the subtraction (no extra copy)
+    e = (z.sub_(m) if z.dtype == torch.float32 else torch.sub(z, m)).exp_()
+    total = e.sum(dim=-1, keepdim=True)
     loss = ((m.squeeze(1) + total.log().squeeze(1) - target_logit) * valid).sum()
     e.scatter_add_(1, safe_t, -total)  # softmax·total − onehot·total, scaled below in the same pass as the downcast
-    g = torch.empty_like(z)
-    torch.mul(e, valid[:, None] / (total * n_valid), out=g)  # (softmax − onehot) / n_valid, 0 on ignored rows
-    return g, loss
+    scale = valid[:, None] / (total * n_valid)  # (softmax − onehot) / n_valid, 0 on ignored rows
+    if e.dtype == z.dtype:
+        return e.mul_(scale), loss
+    return torch.mul(e, scale, out=torch.empty_like(z)), loss
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -74,11 +81,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100, chunk: int = DEFAULT_CHUNK
+    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100, chunk: int | None = None
 ) -> Tensor:
     """Mean CE of ``hidden (N, d) @ weight.T (V, d)`` against ``targets (N,)``; rows at ``ignore_index`` skipped."""
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"hidden has {hidden.shape[0]} rows but targets has {targets.shape[0]}")
+    chunk = chunk or default_chunk(weight.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk)
     total = hidden.new_zeros((), dtype=torch.float32)

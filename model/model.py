@@ -220,7 +220,10 @@ class InternLM2(nn.Module):
         mask: Tensor | bool = attn_mask if attn_mask is not None else (cache is None or cache.length == 0)
         if mask is False and T > 1:
             raise ValueError("a multi-token step on a non-empty KV cache needs an explicit attn_mask")
-        theta = rope_theta_for(self.config, int(positions.max()) + 1)
+        # Only dynamic NTK needs the longest position: reading it syncs a GPU and breaks torch.compile graphs.
+        theta = self.config.rope_theta
+        if self.config.rope_ntk_factor is not None:
+            theta = rope_theta_for(self.config, int(positions.max()) + 1)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, theta)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
