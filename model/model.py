@@ -143,9 +143,13 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
 
     def forward(self, x: Tensor) -> Tensor:
-        # One GEMM for gate and up: the weights stay apart (checkpoint names, tensor-parallel splits), but a
-        # (2·hidden × dim) matmul runs faster than two half-size ones and the concatenation costs weights, not tokens.
-        gate, up = F.linear(x, torch.cat((self.w1.weight, self.w3.weight))).chunk(2, dim=-1)
+        # Gate and up in one GEMM when there are enough tokens to pay for concatenating the weights (training,
+        # prefill): a (2·hidden × dim) matmul beats two half-size ones. A decode step has a handful of tokens, where
+        # copying the weights would cost more than the matmul, so it runs the two projections apart.
+        if x.shape[:-1].numel() >= self.w1.weight.shape[0]:
+            gate, up = F.linear(x, torch.cat((self.w1.weight, self.w3.weight))).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
         return self.w2(F.silu(gate) * up)
 
 
