@@ -17,7 +17,8 @@ from infra import storage
 from infra.tracking import tracker_for
 from model.config import get_preset
 from tasks.presets import pipeline_preset
-from tasks.stages import corpus_task, export_task, tokenize_task, tokenizer_task
+from tasks.stages import corpus_task, export_task, reuse_if_present, tokenize_task, tokenizer_task
+from tasks.tokenize import token_manifest_url
 
 
 class PipelineParams(BaseModel):
@@ -32,13 +33,17 @@ def pipeline_flow(params: PipelineParams = PipelineParams()) -> dict[str, Any]: 
     work = params.where.workdir(params.preset)
     vocab = get_preset(plan.model).vocab_size
     with parent_run(params.where, f"pipeline-{params.preset}", {"preset": params.preset, "root": work}) as parent:
-        corpus = params.input or corpus_task(storage.join(work, "corpus"), plan.corpus, parent)
-        tokenizer = tokenizer_task(corpus, storage.join(work, "tokenizer"), vocab, plan.tokenizer_sample_bytes, parent)
-        tokens = tokenize_task(corpus, tokenizer, work, parent)  # writes <work>/tokens/
+        corpus_dir, tok_dir, hf_dir = (storage.join(work, *p) for p in (["corpus"], ["tokenizer"], ["export", "hf"]))
+        build = reuse_if_present(corpus_task, storage.join(corpus_dir, "manifest.json"))
+        corpus = params.input or build(corpus_dir, plan.corpus, parent)
+        train_tok = reuse_if_present(tokenizer_task, storage.join(tok_dir, "tokenizer.json"))
+        tokenizer = train_tok(corpus, tok_dir, vocab, plan.tokenizer_sample_bytes, parent)
+        tokens = reuse_if_present(tokenize_task, token_manifest_url(work))(corpus, tokenizer, work, parent)
         pretrain = PretrainParams(tokens=tokens, output=storage.join(work, "pretrain"), preset=params.preset,
                                   where=params.where, parent_run=parent)
         phases = pretrain_flow(pretrain)
-        hf = export_task(phases[-1]["native_url"], tokenizer, storage.join(work, "export", "hf"), parent)
+        export = reuse_if_present(export_task, storage.join(hf_dir, "config.json"))
+        hf = export(phases[-1]["native_url"], tokenizer, hf_dir, parent)
         losses = {p["name"]: p["final_loss"] for p in phases}
         tracker_for(parent).log_metrics(parent, {f"final_loss/{k}": v for k, v in losses.items()})
     return {"workdir": work, "mlflow_run_id": parent.run_id, "export": hf, "final_losses": losses}

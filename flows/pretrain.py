@@ -7,13 +7,13 @@ from typing import Any
 
 from prefect import flow
 from pydantic import BaseModel, Field
-from tasks.pretrain import PhaseSpec
 
 from flows.params import Where, parent_run
 from infra import storage
 from infra.tracking import RunRef
 from tasks.presets import pipeline_preset
-from tasks.stages import phase_task
+from tasks.pretrain import PhaseSpec
+from tasks.stages import phase_task, reuse_if_present
 
 
 class PretrainParams(BaseModel):
@@ -34,7 +34,8 @@ def pretrain_flow(params: PretrainParams) -> list[dict[str, Any]]:
             spec = PhaseSpec(**phase.spec)
             out = storage.join(params.output, spec.name)
             config = plan.model_config_for(i).to_dict()
-            result = phase_task(spec, config, params.tokens, out, init, phase.mix.model_dump(), parent)
+            run = reuse_if_present(phase_task, storage.join(out, "final", "phase_result.json"))
+            result = run(spec, config, params.tokens, out, init, phase.mix.model_dump(), parent)
             init = result["native_url"]
             results.append({"name": spec.name, **result})
     return results

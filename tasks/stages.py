@@ -124,3 +124,8 @@ def export_task(native_url: str, tokenizer_url: str, out_url: str, parent: RunRe
             storage.upload_dir(str(out), out_url)
             tracker.log_artifact(ref, out, "hf")
     return out_url
+
+
+def reuse_if_present(stage: Any, output_marker: str) -> Any:
+    """``stage`` set to refresh its cache when its output is gone (a cache hit must never point at deleted files)."""
+    return stage.with_options(refresh_cache=not storage.exists(output_marker))
