@@ -63,7 +63,7 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
                             phases=_phases(128, steps=(12, 4, 4), batch=(4, 1, 2), accum=(1, 1, 1), lr=3e-3,
                                            every=4, precision="32-true")),
     "tiny": PipelinePreset(model="tiny", corpus="tiny", tokenizer_sample_bytes=20_000_000,
-                           phases=_phases(256, steps=(500, 100, 100), batch=(8, 1, 4), accum=(1, 2, 1), lr=2e-3,
+                           phases=_phases(256, steps=(500, 100, 150), batch=(8, 1, 6), accum=(1, 2, 1), lr=2e-3,
                                           every=100)),
     "small": PipelinePreset(model="small", corpus="small", tokenizer_sample_bytes=50_000_000,
                             phases=_phases(512, steps=(3000, 400, 400), batch=(8, 1, 4), accum=(2, 2, 2),

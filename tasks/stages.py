@@ -23,7 +23,20 @@ from tasks.reporting import PrefectProgress, log_loss_plot, stage_run, table_art
 log = get_logger(__name__)
 
 CACHE = TASK_SOURCE + INPUTS - "parent"
-IO_RETRIES = {"retries": 2, "retry_delay_seconds": 5}
+
+
+def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry I/O and crashes; a ValueError is the user's input or parameters, and retrying cannot fix it."""
+    try:
+        state.result()
+    except ValueError:
+        return False
+    except BaseException:
+        return True
+    return True
+
+
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": retry_unless_user_error}
 
 
 @task(name="build-corpus", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
@@ -70,7 +83,7 @@ def tokenize_task(corpus_url: str, tokenizer_url: str, out_url: str, parent: Run
     return token_manifest_url(out_url)
 
 
-@task(name="pretrain-phase", cache_policy=CACHE, persist_result=True, retries=2, retry_delay_seconds=10)
+@task(name="pretrain-phase", cache_policy=CACHE, persist_result=True, **{**IO_RETRIES, "retry_delay_seconds": 10})
 def phase_task(
     spec: Any, model_config: dict[str, Any], tokens_manifest: str, out_url: str, init: str | None,
     mix: dict[str, Any], parent: RunRef,

@@ -54,3 +54,14 @@ def s3_bucket(moto_server: str) -> str:
     fs.mkdir(name)
     fs.invalidate_cache()
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """One real (temporary) Prefect server for the whole session, as Prefect's own test harness runs it."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield

@@ -1,0 +1,139 @@
+"""The smoke pipeline end to end on a real (temporary) Prefect server, MLflow on SQLite, local and S3 roots."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from mlflow.tracking import MlflowClient
+
+from flows.params import Where
+from flows.pipeline import PipelineParams, pipeline_flow
+from infra import storage
+from model.checkpoint import load_model
+
+STAGES = {"corpus", "tokenizer", "tokenize", "pretrain/phase1_short", "pretrain/phase2_long",
+          "pretrain/phase3_capability", "export"}
+
+
+STAGE_TASKS = {"build-corpus", "train-tokenizer", "tokenize", "pretrain-phase", "export-hf"}
+
+
+def run_smoke(where: Where, **kw: Any) -> Any:
+    return pipeline_flow(PipelineParams(preset="smoke", where=where, **kw), return_state=True)
+
+
+def task_states(flow_run_id: Any) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+
+    async def read() -> list[str]:
+        async with get_client() as client:
+            subflows = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+            ids = [flow_run_id, *(f.id for f in subflows)]
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+            return [r.state.name for r in runs if r.name.rsplit("-", 1)[0] in STAGE_TASKS]
+
+    return asyncio.run(read())
+
+
+@pytest.fixture(scope="module")
+def smoke_run(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Where, Any]:
+    base = tmp_path_factory.mktemp("pipeline")
+    where = Where(root=str(base / "root"), tracking_uri=f"sqlite:///{base}/mlflow.db")
+    return where, run_smoke(where)
+
+
+def test_pipeline_completes_and_learns(smoke_run: tuple[Where, Any]) -> None:
+    where, state = smoke_run
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert set(result["final_losses"]) == {"phase1_short", "phase2_long", "phase3_capability"}
+    assert all(loss < math.log(512) for loss in result["final_losses"].values())  # better than uniform
+    phase1 = storage.read_json(storage.join(result["workdir"], "pretrain", "phase1_short", "final",
+                                            "phase_result.json"))
+    assert phase1["final_loss"] < phase1["first_loss"] - 0.2
+
+
+def test_mlflow_parent_run_with_one_child_per_stage(smoke_run: tuple[Where, Any]) -> None:
+    where, state = smoke_run
+    parent_id = state.result()["mlflow_run_id"]
+    client = MlflowClient(where.tracking_uri)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert {c.data.tags["lmforge.stage"] for c in children} == STAGES
+    phase1 = next(c for c in children if c.data.tags["lmforge.stage"] == "pretrain/phase1_short")
+    history = client.get_metric_history(phase1.info.run_id, "train/loss")
+    assert len(history) == 12 and history[-1].value < history[0].value
+    assert "mix/long_token_share" in next(c for c in children if "phase2" in c.data.tags["lmforge.stage"]).data.metrics
+
+
+def test_export_loads_in_transformers_with_our_logits(smoke_run: tuple[Where, Any]) -> None:
+    _, state = smoke_run
+    result = state.result()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(result["export"]).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(result["export"])
+    ours = load_model(Path(result["workdir"]) / "pretrain" / "phase3_capability" / "final")
+    ids = tok("def main():\n    return 42", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_rerun_with_same_parameters_comes_from_the_cache(smoke_run: tuple[Where, Any]) -> None:
+    where, first = smoke_run
+    second = run_smoke(where)
+    assert second.is_completed()
+    assert second.result()["final_losses"] == first.result()["final_losses"]
+    states = task_states(second.state_details.flow_run_id)
+    assert len(states) == 7 and set(states) == {"Cached"}
+
+
+def test_missing_outputs_are_rebuilt_not_served_from_cache(smoke_run: tuple[Where, Any]) -> None:
+    where, first = smoke_run
+    work = first.result()["workdir"]
+    storage.remove(storage.join(work, "export", "hf", "config.json"))
+    again = run_smoke(where)
+    assert again.is_completed()
+    assert storage.exists(storage.join(work, "export", "hf", "config.json"))
+    assert sorted(task_states(again.state_details.flow_run_id)).count("Completed") == 1
+
+
+def test_unreadable_input_fails_with_the_url(prefect_server: None, tmp_path: Path) -> None:
+    where = Where(root=str(tmp_path / "root"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    state = run_smoke(where, input=str(tmp_path / "no-such-corpus"))
+    assert state.is_failed()
+    with pytest.raises(ValueError, match="no-such-corpus"):
+        state.result()
+
+
+def test_empty_corpus_fails_clearly(prefect_server: None, tmp_path: Path) -> None:
+    (tmp_path / "empty" / "text").mkdir(parents=True)
+    (tmp_path / "empty" / "text" / "shard-00000.jsonl").write_text("")
+    where = Where(root=str(tmp_path / "root"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    state = run_smoke(where, input=str(tmp_path / "empty"))
+    assert state.is_failed()
+    with pytest.raises(ValueError, match="empty"):
+        state.result()
+
+
+@pytest.mark.integration
+def test_pipeline_on_s3(prefect_server: None, s3_bucket: str, tmp_path: Path) -> None:
+    where = Where(root=f"{s3_bucket}/lmforge", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    state = run_smoke(where)
+    assert state.is_completed(), state.message
+    work = state.result()["workdir"]
+    assert work.startswith("s3://")
+    assert storage.list_files(storage.join(work, "tokens"), "*.tokens.npy")
+    for phase in ("phase1_short", "phase2_long", "phase3_capability"):
+        assert storage.exists(storage.join(work, "pretrain", phase, "checkpoints", "last.ckpt"))
+        assert storage.exists(storage.join(work, "pretrain", phase, "final", "model.safetensors"))
+    assert storage.exists(storage.join(work, "export", "hf", "model.safetensors"))
+    assert storage.exists(storage.join(work, "export", "hf", "tokenizer.json"))
