@@ -36,6 +36,14 @@ def _check_shard(tokens: np.ndarray, offsets: np.ndarray, where: str) -> None:
         raise ValueError(f"{where}: offsets must be non-decreasing")
 
 
+def _load_array(path: Path) -> np.ndarray:
+    """Memory-map one ``.npy`` file; a missing, truncated or foreign file raises naming the path."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"shard file {path}: unreadable, truncated or not a .npy array ({exc})") from exc
+
+
 class DocumentStore:
     """Documents as flat token arrays plus offsets; several shards (often memory-mapped) read as one store.
 
@@ -63,7 +71,7 @@ class DocumentStore:
         """Memory-map each ``(tokens.npy, offsets.npy)`` pair: opening costs the offsets, not the tokens."""
         if not paths:
             raise ValueError("DocumentStore.from_shards: no shards given; expected (tokens.npy, offsets.npy) pairs")
-        loaded = [(np.load(t, mmap_mode="r"), np.load(o, mmap_mode="r"), f"shard {t}") for t, o in paths]
+        loaded = [(_load_array(t), _load_array(o), f"shard {t}") for t, o in paths]
         _check_shard(*loaded[0])  # here too, so an error names the first shard's file
         store = cls(*loaded[0][:2])
         for tokens, offsets, where in loaded[1:]:

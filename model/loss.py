@@ -33,22 +33,20 @@ def _chunk_softmax_grad(
 ) -> tuple[Tensor, Tensor]:
     """d(mean loss)/d(logits) for one chunk, (softmax − onehot)/n_valid on valid rows, and the chunk's loss sum.
 
-    One exp pass serves both the log-sum-exp and the softmax; the softmax is built in place in the fp32 logits.
+    Three passes over the (c, V) logits: aten's fused log-softmax (upcasting to fp32 inside the kernel), an in-place
+    exp that turns it into the softmax, and one scaling pass that writes the gradient in the matmul dtype.
     """
     z = h @ weight.t()  # (c, V) in the matmul dtype (bf16 under autocast): the gradient matmuls run in it too
     valid = t != ignore_index
     safe_t = t.clamp(min=0)[:, None]
-    target_logit = z.gather(1, safe_t).squeeze(1).float()
-    m = z.amax(dim=-1, keepdim=True).float()
-    # fp32 exp(z − max); in place when z is fp32 already, else the upcast rides on the subtraction (no extra copy)
-    e = (z.sub_(m) if z.dtype == torch.float32 else torch.sub(z, m)).exp_()
-    total = e.sum(dim=-1, keepdim=True)
-    loss = ((m.squeeze(1) + total.log().squeeze(1) - target_logit) * valid).sum()
-    e.scatter_add_(1, safe_t, -total)  # softmax·total − onehot·total, scaled below in the same pass as the downcast
-    scale = valid[:, None] / (total * n_valid)  # (softmax − onehot) / n_valid, 0 on ignored rows
-    if e.dtype == z.dtype:
-        return e.mul_(scale), loss
-    return torch.mul(e, scale, out=torch.empty_like(z)), loss
+    logp = torch.log_softmax(z, dim=-1, dtype=torch.float32)
+    loss = -(logp.gather(1, safe_t).squeeze(1) * valid).sum()
+    probs = logp.exp_()
+    probs.scatter_add_(1, safe_t, torch.full_like(probs[:, :1], -1.0))
+    scale = (valid.float() / n_valid)[:, None]  # 1/n_valid on valid rows, 0 on ignored rows
+    if probs.dtype == z.dtype:
+        return probs.mul_(scale), loss
+    return torch.mul(probs, scale, out=z), loss  # z is spent: reuse its buffer for the low-precision gradient
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -128,10 +128,11 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, n_kv, S, hd)
-        if self.n_rep > 1:
-            k, v = k.repeat_interleave(self.n_rep, dim=1), v.repeat_interleave(self.n_rep, dim=1)
         attn_mask = mask if isinstance(mask, Tensor) else None
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=mask is True)
+        # enable_gqa: query head h reads KV head h // n_rep without materialising repeated keys and values.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=mask is True, enable_gqa=self.n_rep > 1
+        )
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
@@ -143,13 +144,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
 
     def forward(self, x: Tensor) -> Tensor:
-        # Gate and up in one GEMM when there are enough tokens to pay for concatenating the weights (training,
-        # prefill): a (2·hidden × dim) matmul beats two half-size ones. A decode step has a handful of tokens, where
-        # copying the weights would cost more than the matmul, so it runs the two projections apart.
-        if x.shape[:-1].numel() >= self.w1.weight.shape[0]:
-            gate, up = F.linear(x, torch.cat((self.w1.weight, self.w3.weight))).chunk(2, dim=-1)
-        else:
-            gate, up = self.w1(x), self.w3(x)
+        gate, up = self.w1(x), self.w3(x)
         return self.w2(F.silu(gate) * up)
 
 

@@ -94,6 +94,10 @@ def phase_task(
     from tasks.tokenize import local_shards
 
     config = ModelConfig.from_dict(model_config)
+    vocab = storage.read_json(tokens_manifest)["vocab_size"]
+    if vocab != config.vocab_size:
+        raise ValueError(f"{tokens_manifest}: token shards use a {vocab}-token vocabulary, the {spec.name} model has "
+                         f"vocab_size={config.vocab_size}; tokenize with the preset's tokenizer")
     params = {"phase": spec.model_dump() if hasattr(spec, "model_dump") else vars(spec), "model": model_config,
               "mix": mix, "init": init or "random"}
     with stage_run(parent, f"pretrain/{spec.name}", params) as (tracker, ref):
@@ -102,7 +106,7 @@ def phase_task(
         tracker.log_metrics(ref, shares)
         result = run_phase(spec, config, shards, doc_ids, out_url, init_weights=init,
                            mlflow=(ref.tracking_uri, ref.run_id) if ref.enabled else None,
-                           callbacks=[PrefectProgress(key=f"pretrain-{spec.name}".replace("_", "-"))])
+                           callbacks=[PrefectProgress(key=f"pretrain-{spec.name}-progress".replace("_", "-"))])
         log_loss_plot(tracker, ref, result.losses, f"{spec.name}: train loss")
         table_artifact(f"pretrain-{spec.name}".replace("_", "-"), [_result_row(spec.name, result)],
                        f"pretraining phase {spec.name}")

@@ -137,3 +137,19 @@ def test_pipeline_on_s3(prefect_server: None, s3_bucket: str, tmp_path: Path) ->
         assert storage.exists(storage.join(work, "pretrain", phase, "final", "model.safetensors"))
     assert storage.exists(storage.join(work, "export", "hf", "model.safetensors"))
     assert storage.exists(storage.join(work, "export", "hf", "tokenizer.json"))
+
+
+def test_prefect_artifacts_for_a_person_to_read(smoke_run: tuple[Where, Any]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read(key: str) -> list[Any]:
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+    table = asyncio.run(read("pretrain-phase1-short"))
+    assert table and table[0].type == "table" and "final loss" in str(table[0].data)
+    corpus = asyncio.run(read("corpus"))
+    assert corpus and "stdlib_doc" in str(corpus[0].data)
+    progress = [a for a in asyncio.run(read("pretrain-phase1-short-progress")) if a.type == "progress"]
+    assert progress and float(progress[0].data) == 100.0

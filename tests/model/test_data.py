@@ -198,3 +198,13 @@ def test_mix_raises_for_missing_pools() -> None:
         mix_documents(np.array([10, 20, 0]), long_threshold=5, long_fraction=0.5, seed=0)
     with pytest.raises(ValueError, match="long_fraction"):
         mix_documents(np.array([10, 20]), long_threshold=15, long_fraction=1.5, seed=0)
+
+
+def test_corrupt_shard_file_is_named(tmp_path: Path) -> None:
+    tokens, offsets = tmp_path / "a.tokens.npy", tmp_path / "a.offsets.npy"
+    np.save(tokens, np.arange(100, dtype=np.uint32))
+    np.save(offsets, np.array([0, 40, 100], dtype=np.int64))
+    assert DocumentStore.from_shards([(tokens, offsets)]).n_docs == 2
+    tokens.write_bytes(tokens.read_bytes()[:150])  # truncated mid-array, as a crashed copy would leave it
+    with pytest.raises(ValueError, match=r"shard file .*a\.tokens\.npy: unreadable, truncated"):
+        DocumentStore.from_shards([(tokens, offsets)])
