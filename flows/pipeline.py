@@ -1,4 +1,4 @@
-"""The whole pipeline: corpus → tokenizer → token shards → pretraining phases 1–3 → HF export.
+"""The whole pipeline: corpus → text cleaning → tokenizer → token shards → pretraining phases 1–3 → HF export.
 
 Every stage writes under ``<root>/<run_name>/`` and is a cached, retryable task: re-running with the same parameters
 reuses finished stages, and an interrupted training phase resumes from its last checkpoint.
@@ -11,6 +11,7 @@ from typing import Any
 from prefect import flow
 from pydantic import BaseModel, Field
 
+from flows.data import DataParams, data_flow
 from flows.params import Where, parent_run
 from flows.pretrain import PretrainParams, pretrain_flow
 from infra import storage
@@ -35,7 +36,9 @@ def pipeline_flow(params: PipelineParams = PipelineParams()) -> dict[str, Any]: 
     with parent_run(params.where, f"pipeline-{params.preset}", {"preset": params.preset, "root": work}) as parent:
         corpus_dir, tok_dir, hf_dir = (storage.join(work, *p) for p in (["corpus"], ["tokenizer"], ["export", "hf"]))
         build = reuse_if_present(corpus_task, storage.join(corpus_dir, "manifest.json"))
-        corpus = params.input or build(corpus_dir, plan.corpus, parent)
+        raw = params.input or build(corpus_dir, plan.corpus, parent)
+        corpus = storage.join(work, "clean")
+        data_flow(DataParams(input=raw, output=corpus, where=params.where, parent_run=parent))
         train_tok = reuse_if_present(tokenizer_task, storage.join(tok_dir, "tokenizer.json"))
         tokenizer = train_tok(corpus, tok_dir, vocab, plan.tokenizer_sample_bytes, parent)
         tokens = reuse_if_present(tokenize_task, token_manifest_url(work))(corpus, tokenizer, work, parent)

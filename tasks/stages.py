@@ -146,3 +146,56 @@ def export_task(native_url: str, tokenizer_url: str, out_url: str, parent: RunRe
 def reuse_if_present(stage: Any, output_marker: str) -> Any:
     """``stage`` set to refresh its cache when its output is gone (a cache hit must never point at deleted files)."""
     return stage.with_options(refresh_cache=not storage.exists(output_marker))
+
+
+# ------------------------------------------------------------------------------------------- text cleaning
+
+
+@task(name="clean-rules", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+def clean_rules_task(raw_url: str, name: str, out_url: str, rules: str, version: str) -> dict[str, Any]:
+    """Parse, normalise, rules and dedup signatures for one shard."""
+    from tasks.clean.dedup import DedupConfig
+    from tasks.clean.stages import rules_stage
+
+    return rules_stage(raw_url, name, out_url, rules, DedupConfig())
+
+
+@task(name="clean-dedup", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+def clean_dedup_task(out_url: str, names: list[str], versions: list[str]) -> str:
+    """Exact and MinHash-LSH clusters across every shard."""
+    from tasks.clean.dedup import DedupConfig
+    from tasks.clean.stages import dedup_stage
+
+    return dedup_stage(out_url, names, DedupConfig())
+
+
+@task(name="clean-finish", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+def clean_finish_task(name: str, out_url: str, version: str) -> dict[str, Any]:
+    """The clean shard, its removed documents and quarantine, and its balanced ledger."""
+    from tasks.clean.stages import finish_stage
+
+    return finish_stage(name, out_url).model_dump()
+
+
+@task(name="clean-report", **IO_RETRIES)
+def clean_report_task(ledgers: list[dict[str, Any]], input_url: str, out_url: str, parent: RunRef) -> dict[str, Any]:
+    """The total ledger (checked) to storage and MLflow, a funnel plot, and a Prefect table of reasons."""
+    from tasks.clean.ledger import Ledger, funnel_plot
+    from tasks.clean.rules import FAMILIES
+    from tasks.clean.stages import copy_code
+
+    ledger = Ledger.model_validate({"shards": ledgers}).check()
+    storage.write_json(storage.join(out_url, "ledger.json"), {**ledger.model_dump(), "removed": ledger.removed,
+                                                               "quarantined": ledger.quarantined})
+    code = copy_code(input_url, out_url)
+    with stage_run(parent, "data/text", {"input": input_url, "output": out_url}) as (tracker, ref):
+        tracker.log_metrics(ref, {**ledger.metrics(), "code_shards_copied": code})
+        with tempfile.TemporaryDirectory() as tmp:
+            plot = funnel_plot(ledger.funnel([*FAMILIES, "dedup"]), Path(tmp) / "funnel.png")
+            storage.write_bytes(storage.join(out_url, "funnel.png"), plot.read_bytes())
+            tracker.log_artifact(ref, plot, "plots")
+    rows = [{"stage/reason": k, "documents": v} for k, v in ledger.removed.items()]
+    rows += [{"stage/reason": f"quarantine/{k}", "documents": v} for k, v in ledger.quarantined.items()]
+    table_artifact("text-cleaning", [{"stage/reason": "input lines", "documents": ledger.lines}, *rows,
+                                     {"stage/reason": "kept", "documents": ledger.kept}], f"cleaned into {out_url}")
+    return {"lines": ledger.lines, "kept": ledger.kept, "removed": ledger.removed, "quarantined": ledger.quarantined}
