@@ -91,6 +91,24 @@ def run(
     _show_result(f"pipeline ({preset})", pipeline_flow(params))
 
 
+@app.command("data")
+def data(
+    input: Annotated[str, typer.Option("--input", help="raw corpus dir (local or s3://): text/*.jsonl or *.jsonl")],
+    output: Annotated[str, typer.Option("--output", help="where the clean corpus goes")],
+    rules: Annotated[str, typer.Option(help="rule preset: default or builtin")] = "builtin",
+    task_runner: Annotated[str, typer.Option(help="default or dask (a local 2-worker Dask cluster)")] = "default",
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Clean raw JSONL text shards (the `data` deployment's flow): quarantine, rules, dedup, and a ledger."""
+    from flows.data import DataParams, data_flow
+
+    if task_runner not in ("default", "dask"):
+        raise typer.BadParameter(f"expected default or dask, got {task_runner!r}", param_hint="--task-runner")
+    params = DataParams(input=input, output=output, rules=rules, task_runner=task_runner,
+                        where=_where(None, None, tracking_uri))
+    _show_result("text cleaning", data_flow(params))
+
+
 @app.command("pretrain")
 def pretrain(
     tokens: Annotated[str, typer.Option(help="token-shard manifest URL (…/tokens/manifest.json)")],

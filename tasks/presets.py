@@ -39,9 +39,13 @@ class PipelinePreset(BaseModel):
 
 def _phases(
     seq: int, *, steps: tuple[int, int, int], batch: tuple[int, int, int], accum: tuple[int, int, int],
-    lr: float, every: int, precision: str = "bf16-mixed",
+    lr: float, every: int, precision: str = "bf16-mixed", long_threshold: int | None = None,
 ) -> list[PhasePlan]:
-    """The three InternLM2 phases around a phase-1 context of ``seq`` tokens."""
+    """The three InternLM2 phases around a phase-1 context of ``seq`` tokens.
+
+    Phase 2 counts a document as long from ``long_threshold`` tokens (default: the phase-1 context, so "long" means
+    "needs the longer context"); the paper's split is 4k.
+    """
     common = {"precision": precision, "seed": 1234, "checkpoint_every": every}
     warm = [max(1, s // 20) for s in steps]
     return [
@@ -50,7 +54,8 @@ def _phases(
         PhasePlan(spec={"name": "phase2_long", "seq_len": 8 * seq, "rope_theta": 1_000_000.0, "max_steps": steps[1],
                         "batch_size": batch[1], "accumulate": accum[1], "lr": lr / 2, "warmup_steps": warm[1],
                         **common},
-                  mix=PhaseMix(kind="long_short", name="long-half-short", long_threshold=seq, long_fraction=0.5)),
+                  mix=PhaseMix(kind="long_short", name="long-half-short", long_threshold=long_threshold or seq,
+                               long_fraction=0.5)),
         PhasePlan(spec={"name": "phase3_capability", "seq_len": seq, "rope_theta": 1_000_000.0,
                         "max_steps": steps[2], "batch_size": batch[2], "accumulate": accum[2], "lr": lr / 4,
                         "warmup_steps": warm[2], **common},
@@ -61,7 +66,7 @@ def _phases(
 PIPELINE_PRESETS: dict[str, PipelinePreset] = {
     "smoke": PipelinePreset(model="smoke", corpus="smoke", tokenizer_sample_bytes=2_000_000,
                             phases=_phases(128, steps=(12, 4, 4), batch=(4, 1, 2), accum=(1, 1, 1), lr=3e-3,
-                                           every=4, precision="32-true")),
+                                           every=4, precision="32-true", long_threshold=512)),
     "tiny": PipelinePreset(model="tiny", corpus="tiny", tokenizer_sample_bytes=20_000_000,
                            phases=_phases(256, steps=(500, 100, 150), batch=(8, 1, 6), accum=(1, 2, 1), lr=2e-3,
                                           every=100)),

@@ -92,7 +92,7 @@ def split_lines(data: bytes) -> list[bytes]:
 def raw_excerpt(line: bytes) -> str:
     """The start of a raw line as printable text: bad bytes and control characters become escapes."""
     text = line[: RAW_CHARS * 4].decode("utf-8", errors="backslashreplace")[:RAW_CHARS]
-    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)[:RAW_CHARS]  # escapes lengthen it
 
 
 def _reject_constant(name: str) -> Any:
@@ -178,7 +178,9 @@ def parse_shard(data: bytes, shard: str, *, max_chars: int = 1_000_000) -> Parse
         try:
             docs.append({**parse_record(line, max_chars=max_chars), "shard": shard, "line": number})
         except BadRecord as err:
-            bad.append({"shard": shard, "line": number, "error": err.code, "detail": str(err), "raw": raw_excerpt(line)})
+            bad.append(
+                {"shard": shard, "line": number, "error": err.code, "detail": str(err), "raw": raw_excerpt(line)}
+            )
     return ParsedShard(pl.DataFrame(docs, schema=DOC_SCHEMA), pl.DataFrame(bad, schema=QUARANTINE_SCHEMA))
 
 

@@ -17,7 +17,7 @@ from flows.pipeline import PipelineParams, pipeline_flow
 from infra import storage
 from model.checkpoint import load_model
 
-STAGES = {"corpus", "tokenizer", "tokenize", "pretrain/phase1_short", "pretrain/phase2_long",
+STAGES = {"corpus", "data/text", "tokenizer", "tokenize", "pretrain/phase1_short", "pretrain/phase2_long",
           "pretrain/phase3_capability", "export"}
 
 
@@ -93,7 +93,7 @@ def test_rerun_with_same_parameters_comes_from_the_cache(smoke_run: tuple[Where,
     assert second.is_completed()
     assert second.result()["final_losses"] == first.result()["final_losses"]
     states = task_states(second.state_details.flow_run_id)
-    assert len(states) == 7 and set(states) == {"Cached"}
+    assert len(states) == 7 and set(states) == {"Cached"}  # the data flow's tasks are cached too (below)
 
 
 def test_missing_outputs_are_rebuilt_not_served_from_cache(smoke_run: tuple[Where, Any]) -> None:

@@ -21,7 +21,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from infra import storage
 from tasks.clean.dedup import (
     DedupConfig,
     band_buckets,
@@ -161,10 +164,10 @@ class Planted:
     frame: pl.DataFrame  # id, text, source, meta, shard, line
     family: dict[str, int]  # id → index of its base document
     kind: dict[str, str]  # id → "base" or the variant kind
+    shingles: dict[str, set[tuple[str, ...]]]  # id → reference 5-gram set
 
     def true_jaccard(self, a: str, b: str) -> float:
-        texts = dict(zip(self.frame["id"], self.frame["text"], strict=True))
-        return jaccard(ref_shingles(texts[a]), ref_shingles(texts[b]))
+        return jaccard(self.shingles[a], self.shingles[b])
 
 
 KINDS = ("exact", "whitespace", "case", "light_edit", "edit", "edit", "heavy_edit", "reorder", "boilerplate", "mixed")
@@ -182,12 +185,11 @@ def planted_corpus(seed: int = 0, bases: int = 320) -> Planted:
             rows.append((variant(kind, base, rng, vocab), i, kind))
     rng.shuffle(rows)
     ids = [f"doc-{n:05d}" for n in range(len(rows))]
-    frame = pl.DataFrame({
-        "id": ids, "text": [r[0] for r in rows], "source": "stdlib_doc", "meta": "{}",
-        "shard": "planted", "line": list(range(len(rows))),
-    })
-    return Planted(frame, dict(zip(ids, (r[1] for r in rows), strict=True)), dict(zip(ids, (r[2] for r in rows),
-                                                                                     strict=True)))
+    texts, families, kinds = zip(*rows, strict=True)
+    frame = pl.DataFrame({"id": ids, "text": texts, "source": "stdlib_doc", "meta": "{}", "shard": "planted",
+                          "line": range(len(rows))}, schema_overrides={"line": pl.Int64})
+    return Planted(frame, dict(zip(ids, families, strict=True)), dict(zip(ids, kinds, strict=True)),
+                   {i: ref_shingles(t) for i, t in zip(ids, texts, strict=True)})
 
 
 def split(frame: pl.DataFrame, shards: int) -> dict[str, pl.DataFrame]:
@@ -274,6 +276,33 @@ def test_words_match_reference_and_ignore_whitespace_case_punctuation() -> None:
     assert hashed.shingles.tolist() == [2, 2, 2, 1, 1, 0, 0]  # 6 words → 2 five-grams; short docs → 1 shingle
     assert hashed.signature is not None and hashed.signature.shape == (7, 128)
     assert (hashed.signature[5] == np.iinfo(np.uint32).max).all()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60))
+def test_words_agree_with_reference_on_any_text(text: str) -> None:
+    canonical = " ".join(ref_words(text))  # the reference's word sequence, single-spaced
+    hashed = hash_texts([text, canonical], DedupConfig())
+    assert hashed.text_hash[0] == hashed.text_hash[1]
+    assert hashed.signature is not None and (hashed.signature[0] == hashed.signature[1]).all()
+    assert hashed.shingles[0] == (max(len(ref_words(text)) - 4, 1) if ref_words(text) else 0)
+
+
+def test_every_byte_of_a_word_counts() -> None:
+    words = ["abcdefgh", "abcdefgi", "abcdefghijklmnop", "abcdefghijklmnoq", "abcdefghijklmnopq", "abcdefghijklmnopr",
+             "x" * 40 + "a", "x" * 40 + "b", "a" * 8, "a" * 9]  # around the 8- and 16-byte load boundaries
+    hashed = hash_texts(words, DedupConfig())
+    assert len(set(hashed.text_hash.tolist())) == len(words)
+
+
+def test_signatures_do_not_depend_on_batching(planted: Planted, monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = planted.frame["text"].head(300)
+    whole = hash_texts(texts, DedupConfig())
+    monkeypatch.setattr("tasks.clean.dedup.BATCH_BYTES", 5_000)  # dozens of small batches
+    pieces = hash_texts(texts, DedupConfig())
+    assert whole.signature is not None and pieces.signature is not None
+    np.testing.assert_array_equal(whole.signature, pieces.signature)
+    np.testing.assert_array_equal(whole.text_hash, pieces.text_hash)
 
 
 def test_estimated_jaccard_tracks_true_jaccard(planted: Planted) -> None:
@@ -409,3 +438,11 @@ def test_user_errors_are_value_errors(planted: Planted, tmp_path: Path) -> None:
         exact_signatures(frame, "s", work, DedupConfig(threshold=0.8))
     with pytest.raises(ValueError, match="run the signature stages"):
         filter_shard(frame, "s", work)
+
+
+def test_stages_on_s3_match_local(planted: Planted, s3_bucket: str, tmp_path: Path) -> None:
+    frames = split(planted.frame.head(200), 2)
+    on_s3 = dedup_frames(frames, f"{s3_bucket}/dedup")
+    local = dedup_frames(frames, str(tmp_path))
+    assert removed_ids(on_s3) == removed_ids(local) != set()
+    assert storage.exists(f"{s3_bucket}/dedup/clusters/_SUCCESS.json")
