@@ -4,9 +4,11 @@ Record contract, one JSON object a line::
 
     {"id": str (optional), "text": str, "source": str, "meta": {...} (optional)}
 
-Every line ends up either as a document or in the quarantine (with its shard, 1-based line number, an error code and
-the first characters of the raw line), so ``len(docs) + len(quarantine)`` is the number of input lines. A missing or
-null id becomes ``"h" + xxh3_64(text)``: stable across runs, so re-parsing a shard gives the same ids.
+Every line ends up either as a document or in the quarantine (with its shard, 1-based line number, an error code
+from ERROR_CODES and the first characters of the raw line), so ``len(docs) + len(quarantine)`` is the number of
+input lines; a blank line is quarantined as ``empty_line`` for that reason. The contract is strict: a top-level key
+outside it is ``unknown_field`` (extra data belongs under ``meta``) rather than silently dropped. A missing or null
+id becomes ``"h" + xxh3_64(text)``: stable across runs, so re-parsing a shard gives the same ids.
 
 `normalize` cleans the text with polars string expressions and adds the language (pycld2, whose model ships inside
 the wheel, so it works offline). It is idempotent: it runs one cleaning pass until nothing changes, because one
@@ -186,8 +188,8 @@ def parse_shard(data: bytes, shard: str, *, max_chars: int = 1_000_000) -> Parse
 
 # ---------------------------------------------------------------- normalisation
 
-# Markup leftovers. HTML tags only from a list of real tag names, so `List<String>` or `a <b and c> d` in prose and
-# code keep their angle brackets unless they spell a tag.
+# Markup leftovers. HTML tags only from a list of real tag names, so `List<String>` or `a < b > c` in prose and
+# code keep their angle brackets (`x <b and c> y` does read as a <b> tag with two attributes, and goes).
 _HTML_TAGS = (
     "a|abbr|b|big|blockquote|body|br|center|code|dd|div|dl|dt|em|font|h[1-6]|head|hr|html|i|img|kbd|li|link|meta|"
     "ol|p|pre|s|samp|small|span|strike|strong|sub|sup|table|tbody|td|th|thead|title|tr|tt|u|ul|var"

@@ -108,6 +108,15 @@ class _Grams:
     def filter(self, mask: pl.Series) -> _Grams:
         return _Grams(self.pos.filter(mask), self.doc.filter(mask), self.key.filter(mask), self.chars.filter(mask))
 
+    @staticmethod
+    def bigrams(words: pl.DataFrame, word_hash: pl.Series) -> _Grams:
+        """Every bigram inside a document; shifts, where `longer` would gather at every position."""
+        doc, length = words.get_column(DOC), words.get_column("_len")
+        inside = (doc.shift(-1) == doc).fill_null(False)
+        pos = pl.int_range(len(words), dtype=pl.UInt32, eager=True)
+        grams = _Grams(pos, doc, word_hash * _MIX + word_hash.shift(-1), length + length.shift(-1) + 1)
+        return grams.filter(inside)
+
     def longer(self, words: pl.DataFrame, word_hash: pl.Series, n: int) -> _Grams:
         """The same starts as n-grams (from (n-1)-grams); starts whose n-gram would leave the document drop out."""
         last, end = self.pos + (n - 1), len(words)
@@ -122,21 +131,26 @@ def _counts(keys: pl.Series) -> pl.Series:
     return pl.DataFrame({"k": keys}).select(pl.len().over("k")).to_series()
 
 
-def _first_gram_chars(words: pl.DataFrame, n: int) -> pl.DataFrame:
-    """Per document with at least n words: the length of its first n-gram (the winner of an all-count-1 tie)."""
-    starts = words.select(DOC, "_len").with_row_index("_pos").group_by(DOC, maintain_order=True)
-    starts = starts.agg(pl.col("_pos").first(), pl.len().alias("_n")).filter(pl.col("_n") >= n)
-    length = words.get_column("_len")
-    chars = sum(length.gather(starts.get_column("_pos") + k) for k in range(n)) + (n - 1)
-    return starts.select(DOC).with_columns(chars.alias("_c"))
+def _doc_starts(words: pl.DataFrame) -> pl.DataFrame:
+    """Per document with words: the position of its first word and its word count."""
+    starts = words.select(DOC).with_row_index("_pos").group_by(DOC, maintain_order=True)
+    return starts.agg(pl.col("_pos").first(), pl.len().alias("_n"))
 
 
-def _top_ngram_chars(words: pl.DataFrame, grams: _Grams, counts: pl.Series, n: int) -> pl.DataFrame:
-    """Per document: count × length of its most frequent n-gram; ties go to the one seen first, as Counter's do."""
+def _top_ngram_chars(
+    words: pl.DataFrame, starts: pl.DataFrame, grams: _Grams, counts: pl.Series, n: int
+) -> pl.DataFrame:
+    """Per document: count × length of its most frequent n-gram; ties go to the one seen first, as Counter's do.
+
+    Only repeated n-grams have counts here; a document without one has an all-count-1 tie, won by its first n-gram.
+    """
     repeated = pl.DataFrame({DOC: grams.doc, "_n": counts, "_c": grams.chars}).filter(pl.col("_n") > 1)
     top = repeated.group_by(DOC).agg((pl.col("_n") * pl.col("_c")).get(pl.col("_n").arg_max()).alias("_top"))
-    chars = pl.coalesce("_top", "_c").alias(f"_top_{n}gram_chars")
-    return _first_gram_chars(words, n).join(top, on=DOC, how="left").select(DOC, chars)
+    firsts = starts.filter(pl.col("_n") >= n)
+    length = words.get_column("_len")
+    first_chars = sum(length.gather(firsts.get_column("_pos") + k) for k in range(n)) + (n - 1)
+    firsts = firsts.select(DOC).with_columns(first_chars.alias("_c"))
+    return firsts.join(top, on=DOC, how="left").select(DOC, pl.coalesce("_top", "_c").alias(f"_top_{n}gram_chars"))
 
 
 def _dup_ngram_chars(words: pl.DataFrame, starts: pl.Series, n: int) -> pl.DataFrame:
@@ -157,16 +171,18 @@ def _ngram_stats(words: pl.DataFrame) -> list[pl.DataFrame]:
     """
     doc = words.get_column(DOC)
     word_hash = words.get_column("_w").hash(HASH_SEED) + doc.cast(pl.UInt64) * _MIX  # n-grams never match across docs
-    positions = pl.int_range(len(words), dtype=pl.UInt32, eager=True)
-    grams, out = _Grams(positions, doc, word_hash, words.get_column("_len")), []
+    grams, out, starts = _Grams.bigrams(words, word_hash), [], _doc_starts(words)
     for n in range(2, max(DUP_NGRAMS) + 1):
-        grams = grams.longer(words, word_hash, n)
-        counts = _counts(grams.key)
+        grams = grams if n == 2 else grams.longer(words, word_hash, n)
         if n in TOP_NGRAMS:
-            out.append(_top_ngram_chars(words, grams, counts, n))
+            counts = _counts(grams.key)
+            out.append(_top_ngram_chars(words, starts, grams, counts, n))
+            repeated = counts > 1
+        else:
+            repeated = grams.key.is_duplicated()  # cheaper than counting
         if n in DUP_NGRAMS:
             out.append(_dup_ngram_chars(words, grams.pos.filter(~grams.key.is_first_distinct()), n))
-        grams = grams.filter(counts > 1)
+        grams = grams.filter(repeated)
     return out
 
 
@@ -320,7 +336,6 @@ _STAT_GROUPS: dict[str, _StatGroup] = {
         ),
     ),
 }
-TEXT_COLUMNS = ("_n_chars", "_hashes", "_ellipses", "_newlines", "_has_lorem", "_has_curly", "_stop_words")
 
 
 def _groups_for(rules: Iterable[Rule] | None) -> list[_StatGroup]:
@@ -328,6 +343,12 @@ def _groups_for(rules: Iterable[Rule] | None) -> list[_StatGroup]:
         return list(_STAT_GROUPS.values())
     needed = {c for r in rules for c in r.drop.meta.root_names()}
     return [g for g in _STAT_GROUPS.values() if g.columns() & needed]
+
+
+def helper_columns(rules: Iterable[Rule] | None = None) -> set[str]:
+    """The columns `annotate(df, rules)` adds."""
+    text = {e.meta.output_name() for e in _text_stats()}
+    return {DOC, *text, *(c for g in _groups_for(rules) for c in g.columns())}
 
 
 def annotate(df: pl.DataFrame, rules: Iterable[Rule] | None = None) -> pl.DataFrame:
@@ -353,6 +374,8 @@ def _check_input(df: pl.DataFrame) -> None:
     reserved = [c for c in df.columns if c.startswith("_")]
     if reserved:
         raise ValueError(f"columns {reserved} start with '_', which is reserved for the rules' helper columns")
+    if df.schema["text"] != pl.Utf8:
+        raise ValueError(f"the 'text' column is {df.schema['text']}, expected String")
     if df.get_column("text").null_count():
         raise ValueError("the 'text' column has nulls: parse_shard quarantines records without text")
 
@@ -605,6 +628,7 @@ RULE_PRESETS: dict[str, RuleConfig] = {
 
 
 def rule_config(preset: str) -> RuleConfig:
+    """The rule configuration of a preset name (a key of RULE_PRESETS)."""
     if preset not in RULE_PRESETS:
         raise ValueError(f"unknown rule preset {preset!r}: expected one of {list(RULE_PRESETS)}")
     return RULE_PRESETS[preset]

@@ -27,6 +27,7 @@ from tasks.clean.rules import (
     c4_rules,
     gopher_quality_rules,
     gopher_repetition_rules,
+    helper_columns,
     internlm_rules,
     rule_config,
 )
@@ -198,8 +199,9 @@ CRAFTED: dict[str, Callable[[], str]] = {
 
 def frame(texts: list[str], lang: list[str] | None = None) -> pl.DataFrame:
     """Documents as the rules see them: normalised text, a language (given here: the rules are under test)."""
-    text = normalize_text(pl.Series("text", texts))
-    return pl.DataFrame({"id": [f"d{i}" for i in range(len(texts))], "text": text, "lang": lang or ["en"] * len(texts)})
+    text = normalize_text(pl.Series("text", texts, dtype=pl.Utf8))
+    ids = pl.Series("id", [f"d{i}" for i in range(len(texts))], dtype=pl.Utf8)
+    return pl.DataFrame([ids, text, pl.Series("lang", lang or ["en"] * len(texts), dtype=pl.Utf8)])
 
 
 def reason_of(text: str, lang: str = "en", rules: list[Rule] | None = None) -> str | None:
@@ -272,6 +274,8 @@ def test_config_errors_are_actionable() -> None:
         gopher_repetition_rules(max_dup_ngram_char_frac=((11, 0.1),))
     with pytest.raises(ValueError, match=r"columns \['lang'\]"):
         apply_rules(pl.DataFrame({"text": [CLEAN]}), ALL_RULES)
+    with pytest.raises(ValueError, match="expected String"):
+        annotate(pl.DataFrame({"text": [1, 2]}))
     with pytest.raises(ValueError, match="reserved"):
         annotate(pl.DataFrame({"text": [CLEAN], "_x": [1]}))
     with pytest.raises(ValueError, match="unique"):
@@ -297,6 +301,19 @@ def test_annotate_computes_only_what_the_rules_read() -> None:
     assert kept["id"].to_list() == ["d0"] and removed["reason"].to_list() == ["gopher_short_doc"]
     with pytest.raises(ValueError, match="annotated for other rules"):
         apply_rules(quality, ALL_RULES)
+    assert set(full.columns) - set(df.columns) == helper_columns()
+    assert set(quality.columns) - set(df.columns) == helper_columns(gopher_quality_rules())
+
+
+def test_empty_frames_and_blank_texts() -> None:
+    empty = frame([])
+    kept, removed = apply_rules(empty, ALL_RULES)
+    assert kept.height == 0 and removed.height == 0 and removed.columns == [*empty.columns, "stage", "reason"]
+    blank = pl.DataFrame({"id": ["a", "b"], "text": ["", " \n\n "], "lang": ["un", "un"]})
+    annotated = annotate(blank)
+    assert annotated["_n_words"].to_list() == [0, 0] and annotated["_top_2gram"].to_list() == [0.0, 0.0]
+    _, removed = apply_rules(blank, ALL_RULES)
+    assert removed["reason"].to_list() == ["gopher_short_doc"] * 2
 
 
 # ---------------------------------------------------------------- statistics against a plain-Python reference
