@@ -2,9 +2,9 @@
 
 Phase schedules for ``smoke``/``tiny``/``small`` are sized for CPUs (minutes, visible learning) with learning rates
 suited to their size; the paper-shape presets follow the report: AdamW peak 3e-4, 4M-token batches, phase 2 at 8×
-the context with RoPE base 1M and half the tokens from short documents, phase 3 at a smaller LR and batch. Step
-counts for the paper shapes are placeholders for a cluster budget (the report trains 2.0–2.6T tokens) and meant to be
-overridden.
+the context with RoPE base 1M and half the tokens from short documents, phase 3 at a smaller LR and batch. Phase 1
+of a paper shape is 45k steps of 1,024 × 4,096 tokens per data-parallel replica (≈190B tokens on one replica; the
+report trains 2.0–2.6T tokens in all): a starting budget to override for a cluster.
 """
 
 from __future__ import annotations
