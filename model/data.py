@@ -245,7 +245,7 @@ def make_loader(
     )
 
 
-def _pool_tokens(lengths: np.ndarray, pool: np.ndarray, budget: float, rng: np.random.Generator) -> np.ndarray:
+def pool_tokens(lengths: np.ndarray, pool: np.ndarray, budget: float, rng: np.random.Generator) -> np.ndarray:
     """Doc ids from ``pool`` whose lengths sum to about ``budget``: whole shuffled passes, then a shuffled prefix."""
     pool_tokens = int(lengths[pool].sum())
     passes, rest = divmod(budget, pool_tokens)
@@ -279,9 +279,9 @@ def mix_documents(
     rng = np.random.default_rng(seed)
     parts = [np.zeros(0, dtype=np.int64)]
     if long_fraction > 0:
-        parts.append(_pool_tokens(lengths, long_pool, total * long_fraction, rng))
+        parts.append(pool_tokens(lengths, long_pool, total * long_fraction, rng))
     if long_fraction < 1:
-        parts.append(_pool_tokens(lengths, short_pool, total * (1 - long_fraction), rng))
+        parts.append(pool_tokens(lengths, short_pool, total * (1 - long_fraction), rng))
     return np.sort(np.concatenate(parts)).astype(np.int64)
 
 

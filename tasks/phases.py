@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
 from infra import storage
-from model.data import DocumentStore, _pool_tokens, long_short_token_share, mix_documents
+from model.data import DocumentStore, long_short_token_share, mix_documents, pool_tokens
 
 
 class PhaseMix(BaseModel):
@@ -52,7 +52,7 @@ def capability_mix(lengths: np.ndarray, kinds: np.ndarray, mix: PhaseMix, seed: 
         if len(pool) == 0:
             raise ValueError(f"mix {mix.name!r}: no documents of kind {group!r}; kinds present: {sorted(set(kinds))}")
         if weight > 0:
-            parts.append(_pool_tokens(lengths, pool, total * weight / weight_sum, rng))
+            parts.append(pool_tokens(lengths, pool, total * weight / weight_sum, rng))
     return np.sort(np.concatenate(parts)).astype(np.int64)
 
 
