@@ -429,29 +429,40 @@ def _keys(df: pl.DataFrame) -> pl.DataFrame:
     return df.select(pl.col("shard").cast(pl.Utf8), pl.col("line").cast(pl.Int64)).with_columns(_dates(df))
 
 
-def exact_signatures(df: pl.DataFrame, shard_name: str, work_url: str, cfg: DedupConfig) -> str:
-    """Per shard: (shard, line, id, text_hash, date) → `exact/<shard_name>.parquet`; returns its URL."""
+def _target(df: pl.DataFrame, shard_name: str, work_url: str, cfg: DedupConfig, kind: str) -> tuple[str, bool]:
+    """(URL of the shard's ``kind`` signatures, whether they are already written); checks the inputs first."""
     _check_shard_name(shard_name)
     _check_config(work_url, cfg)
-    url = _stage_url(work_url, "exact", shard_name)
-    if storage.exists(url):
-        return url
-    _check_frame(df, shard_name)
-    hashed = hash_texts(df["text"], cfg, minhash=False)
-    out = _keys(df).with_columns(id=df["id"].cast(pl.Utf8), text_hash=pl.Series(hashed.text_hash, dtype=pl.UInt64))
-    _write_parquet(url, out)
+    url = _stage_url(work_url, kind, shard_name)
+    done = storage.exists(url)
+    if not done:
+        _check_frame(df, shard_name)
+    return url, done
+
+
+def exact_signatures(
+    df: pl.DataFrame, shard_name: str, work_url: str, cfg: DedupConfig, hashed: HashedBatch | None = None
+) -> str:
+    """Per shard: (shard, line, id, text_hash, date) → `exact/<shard_name>.parquet`; returns its URL.
+
+    ``hashed``: ``hash_texts`` of ``df["text"]`` when the caller has it already (see ``shard_signatures``).
+    """
+    url, done = _target(df, shard_name, work_url, cfg, "exact")
+    if not done:
+        hashed = hashed or hash_texts(df["text"], cfg, minhash=False)
+        text_hash = pl.Series(hashed.text_hash, dtype=pl.UInt64)
+        _write_parquet(url, _keys(df).with_columns(id=df["id"].cast(pl.Utf8), text_hash=text_hash))
     return url
 
 
-def minhash_signatures(df: pl.DataFrame, shard_name: str, work_url: str, cfg: DedupConfig) -> str:
+def minhash_signatures(
+    df: pl.DataFrame, shard_name: str, work_url: str, cfg: DedupConfig, hashed: HashedBatch | None = None
+) -> str:
     """Per shard: (shard, line, date, shingles, signature, band_000..) → `minhash/<shard_name>.parquet`; its URL."""
-    _check_shard_name(shard_name)
-    _check_config(work_url, cfg)
-    url = _stage_url(work_url, "minhash", shard_name)
-    if storage.exists(url):
+    url, done = _target(df, shard_name, work_url, cfg, "minhash")
+    if done:
         return url
-    _check_frame(df, shard_name)
-    hashed = hash_texts(df["text"], cfg)
+    hashed = hashed if hashed is not None and hashed.signature is not None else hash_texts(df["text"], cfg)
     assert hashed.signature is not None
     bands = band_hashes(hashed.signature, cfg)  # (D, bands)
     out = _keys(df).with_columns(
@@ -461,6 +472,14 @@ def minhash_signatures(df: pl.DataFrame, shard_name: str, work_url: str, cfg: De
     )
     _write_parquet(url, out)
     return url
+
+
+def shard_signatures(df: pl.DataFrame, shard_name: str, work_url: str, cfg: DedupConfig) -> tuple[str, str]:
+    """Both signature stages for one shard from one pass of word splitting and hashing; (exact URL, minhash URL)."""
+    pending = [not _target(df, shard_name, work_url, cfg, kind)[1] for kind in ("exact", "minhash")]
+    hashed = hash_texts(df["text"], cfg) if any(pending) else None
+    return (exact_signatures(df, shard_name, work_url, cfg, hashed),
+            minhash_signatures(df, shard_name, work_url, cfg, hashed))
 
 
 def _band_column(band: int) -> str:
@@ -742,8 +761,7 @@ def dedup_frames(
     """All four stages in one call for in-memory shards ({shard_name: frame}); returns {shard_name: (kept, removed)}."""
     cfg = cfg or DedupConfig()
     for name, df in frames.items():
-        exact_signatures(df, name, work_url, cfg)
-        minhash_signatures(df, name, work_url, cfg)
+        shard_signatures(df, name, work_url, cfg)
     band_buckets(work_url, cfg, list(frames))
     clusters(work_url, cfg)
     return {name: filter_shard(df, name, work_url) for name, df in frames.items()}

@@ -24,7 +24,7 @@ from typing import Any
 import polars as pl
 
 from infra import storage
-from tasks.clean.dedup import DedupConfig, band_buckets, clusters, exact_signatures, filter_shard, minhash_signatures
+from tasks.clean.dedup import DedupConfig, band_buckets, clusters, filter_shard, shard_signatures
 from tasks.clean.ledger import ShardLedger
 from tasks.clean.parse import normalize, parse_shard
 from tasks.clean.rules import apply_rules, rule_config
@@ -83,8 +83,7 @@ def rules_stage(raw_url: str, name: str, out_url: str, rules: str, dedup: DedupC
     for kind, frame in outputs.items():
         write_frame(_url(out_url, kind, name), frame)
     work = storage.join(out_url, WORK, "dedup")
-    exact_signatures(kept, name, work, dedup)
-    minhash_signatures(kept, name, work, dedup)
+    shard_signatures(kept, name, work, dedup)
     counts = {"shard": name, "lines": parsed.lines, "kept_after_rules": len(kept), "version": version}
     storage.write_json(marker, counts)
     return counts
