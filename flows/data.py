@@ -1,5 +1,6 @@
 """Data flow: text cleaning as InternLM2 §3.1.1 does it — parse and validate (bad records quarantined), normalise
-and identify the language, heuristic rules, exact then MinHash-LSH dedup — with a ledger that accounts for every line.
+and identify the language, heuristic rules, exact then MinHash-LSH dedup, safety (blocklists, toxicity and adult
+classifiers), model-based quality — with a ledger that accounts for every line.
 
 One task run per shard for the per-shard stages (mapped), one for the cross-shard dedup; ``task_runner="dask"`` runs
 the mapped stages on a local Dask cluster (``prefect-dask``).
@@ -9,22 +10,32 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from prefect import flow
+from prefect import flow, unmapped
 from pydantic import BaseModel, Field
 
 from flows.params import Where, parent_run
 from infra import storage
 from infra.tracking import RunRef
+from tasks.clean.quality import QualityConfig
+from tasks.clean.safety import SafetyConfig
 from tasks.clean.stages import fingerprint, raw_shards
-from tasks.stages import clean_dedup_task, clean_finish_task, clean_report_task, clean_rules_task
+from tasks.stages import (
+    clean_dedup_task,
+    clean_finish_task,
+    clean_quality_model_task,
+    clean_report_task,
+    clean_rules_task,
+)
 
-CLEAN_TASKS = (clean_rules_task, clean_dedup_task, clean_finish_task)
+CLEAN_TASKS = (clean_rules_task, clean_dedup_task, clean_quality_model_task, clean_finish_task)
 
 
 class DataParams(BaseModel):
     input: str = Field(description="raw corpus: a directory (local or s3://) of text/*.jsonl (and code/*.jsonl)")
     output: str = Field(description="where the clean corpus goes (text/, code/, removed/, quarantine/, ledger/)")
     rules: str = Field("builtin", description="rule preset: default (datatrove's thresholds) or builtin")
+    safety: SafetyConfig = Field(default_factory=SafetyConfig, description="blocklists and safety classifiers")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="the model-based quality filter")
     task_runner: Literal["default", "dask"] = Field("default", description="dask: mapped stages on a Dask cluster")
     where: Where = Field(default_factory=Where)
     parent_run: RunRef | None = Field(None, description="MLflow parent run (set by the pipeline flow)")
@@ -50,11 +61,13 @@ def clean_text_flow(params: DataParams, parent: RunRef) -> dict[str, Any]:
     names, urls = [n for n, _ in shards], [u for _, u in shards]
     versions = [fingerprint(u) for u in urls]  # part of the cache key: an edited shard is cleaned again
     fresh = not storage.exists(storage.join(params.output, "ledger.json"))  # outputs gone: rebuild, not cache
-    rules_task, dedup_task, finish_task = (t.with_options(refresh_cache=fresh) for t in CLEAN_TASKS)
+    rules_task, dedup_task, quality_task, finish_task = (t.with_options(refresh_cache=fresh) for t in CLEAN_TASKS)
     counts = rules_task.map(urls, names, params.output, params.rules, versions)
     dedup = dedup_task.submit(params.output, names, versions, wait_for=counts)
-    ledgers = finish_task.map(names, params.output, versions, wait_for=[dedup])
-    return clean_report_task(ledgers.result(), params.input, params.output, parent)
+    model = quality_task.submit(params.output, names, params.quality, versions, wait_for=counts)
+    ledgers = finish_task.map(names, params.output, versions, unmapped(params.safety), unmapped(params.quality),
+                              unmapped(model), wait_for=[dedup])
+    return clean_report_task(ledgers.result(), params.input, params.output, parent, model.result())
 
 
 if __name__ == "__main__":

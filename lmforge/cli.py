@@ -97,15 +97,33 @@ def data(
     output: Annotated[str, typer.Option("--output", help="where the clean corpus goes")],
     rules: Annotated[str, typer.Option(help="rule preset: default or builtin")] = "builtin",
     task_runner: Annotated[str, typer.Option(help="default or dask (a local 2-worker Dask cluster)")] = "default",
+    blocked_domains: Annotated[str, typer.Option(help="domain blocklist: builtin, a file URL, or off")] = "builtin",
+    blocked_words: Annotated[str, typer.Option(help="word blocklist: builtin, a file URL, or off")] = "builtin",
+    max_toxicity: Annotated[float, typer.Option(help="drop above this toxicity score; 1 = off")] = 0.5,
+    max_adult: Annotated[float, typer.Option(help="drop above this adult-content score; 1 = off")] = 0.5,
+    min_quality: Annotated[float, typer.Option(help="drop below this quality score; 0 = off")] = 0.5,
+    quality_model: Annotated[str | None, typer.Option(help="a trained quality model (.npz); default: train")] = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Clean raw JSONL text shards (the `data` deployment's flow): quarantine, rules, dedup, and a ledger."""
+    """Clean raw JSONL text shards (the `data` deployment's flow): quarantine, rules, dedup, safety, quality, and a
+    ledger."""
     from flows.data import DataParams, data_flow
+    from tasks.clean.quality import QualityConfig
+    from tasks.clean.safety import SafetyConfig
 
     if task_runner not in ("default", "dask"):
         raise typer.BadParameter(f"expected default or dask, got {task_runner!r}", param_hint="--task-runner")
-    params = DataParams(input=input, output=output, rules=rules, task_runner=task_runner,
-                        where=_where(None, None, tracking_uri))
+    for name, value in (("--max-toxicity", max_toxicity), ("--max-adult", max_adult), ("--min-quality", min_quality)):
+        if not 0 <= value <= 1:
+            raise typer.BadParameter(f"expected a score in [0, 1], got {value}", param_hint=name)
+    safety = SafetyConfig(
+        blocked_domains=None if blocked_domains == "off" else blocked_domains,
+        blocked_words=None if blocked_words == "off" else blocked_words,
+        max_toxicity=None if max_toxicity >= 1 else max_toxicity, max_adult=None if max_adult >= 1 else max_adult,
+    )
+    quality = QualityConfig(min_score=None if min_quality <= 0 else min_quality, model=quality_model)
+    params = DataParams(input=input, output=output, rules=rules, task_runner=task_runner, safety=safety,
+                        quality=quality, where=_where(None, None, tracking_uri))
     _show_result("text cleaning", data_flow(params))
 
 

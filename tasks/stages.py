@@ -169,29 +169,42 @@ def clean_dedup_task(out_url: str, names: list[str], versions: list[str]) -> str
     return dedup_stage(out_url, names, DedupConfig())
 
 
+@task(name="clean-quality-model", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+def clean_quality_model_task(out_url: str, names: list[str], quality: Any, versions: list[str]) -> str | None:
+    """The quality classifier: trained on the rule-passing documents, or the configured one (None: filter off)."""
+    from tasks.clean.stages import quality_model_stage
+
+    return quality_model_stage(out_url, names, quality)
+
+
 @task(name="clean-finish", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
-def clean_finish_task(name: str, out_url: str, version: str) -> dict[str, Any]:
-    """The clean shard, its removed documents and quarantine, and its balanced ledger."""
+def clean_finish_task(
+    name: str, out_url: str, version: str, safety: Any, quality: Any, quality_model: str | None
+) -> dict[str, Any]:
+    """Dedup, safety and quality filters; the clean shard, its removed documents and quarantine, its ledger."""
     from tasks.clean.stages import finish_stage
 
-    return finish_stage(name, out_url).model_dump()
+    return finish_stage(name, out_url, safety, quality, quality_model).model_dump()
 
 
 @task(name="clean-report", **IO_RETRIES)
-def clean_report_task(ledgers: list[dict[str, Any]], input_url: str, out_url: str, parent: RunRef) -> dict[str, Any]:
-    """The total ledger (checked) to storage and MLflow, a funnel plot, and a Prefect table of reasons."""
+def clean_report_task(
+    ledgers: list[dict[str, Any]], input_url: str, out_url: str, parent: RunRef, quality_model: str | None = None
+) -> dict[str, Any]:
+    """The total ledger (checked) to storage and MLflow, a funnel plot, the classifiers' held-out figures, and a
+    Prefect table of reasons."""
     from tasks.clean.ledger import Ledger, funnel_plot
-    from tasks.clean.rules import FAMILIES
-    from tasks.clean.stages import copy_code
+    from tasks.clean.stages import FUNNEL, classifier_metrics, copy_code
 
     ledger = Ledger.model_validate({"shards": ledgers}).check()
     storage.write_json(storage.join(out_url, "ledger.json"), {**ledger.model_dump(), "removed": ledger.removed,
                                                                "quarantined": ledger.quarantined})
     code = copy_code(input_url, out_url)
     with stage_run(parent, "data/text", {"input": input_url, "output": out_url}) as (tracker, ref):
-        tracker.log_metrics(ref, {**ledger.metrics(), "code_shards_copied": code})
+        tracker.log_metrics(ref, {**ledger.metrics(), "code_shards_copied": code,
+                                  **classifier_metrics(ledger, quality_model)})
         with tempfile.TemporaryDirectory() as tmp:
-            plot = funnel_plot(ledger.funnel([*FAMILIES, "dedup"]), Path(tmp) / "funnel.png")
+            plot = funnel_plot(ledger.funnel(FUNNEL), Path(tmp) / "funnel.png")
             storage.write_bytes(storage.join(out_url, "funnel.png"), plot.read_bytes())
             tracker.log_artifact(ref, plot, "plots")
     rows = [{"stage/reason": k, "documents": v} for k, v in ledger.removed.items()]

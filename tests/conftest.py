@@ -65,3 +65,28 @@ def prefect_server() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+PROSE_MODULES = (
+    "argparse", "collections", "email.message", "logging", "pathlib", "subprocess", "threading", "typing", "unittest",
+    "asyncio", "concurrent.futures", "csv", "datetime", "decimal", "difflib", "functools", "inspect", "itertools",
+    "json", "multiprocessing", "os", "pickle", "random", "re", "shutil", "socket", "sqlite3", "string", "tarfile",
+    "tempfile", "textwrap", "urllib.request", "xml.etree.ElementTree", "zipfile",
+)
+
+
+@pytest.fixture(scope="session")
+def prose() -> list[str]:
+    """Fluent English prose, sorted: the docstrings (over 60 words) of some standard-library modules and members."""
+    import importlib
+    import inspect
+    import textwrap
+
+    docs = set()
+    for name in PROSE_MODULES:
+        module = importlib.import_module(name)
+        for obj in [module, *(member for _, member in inspect.getmembers(module))]:
+            doc = inspect.getdoc(obj) or ""
+            if len(doc.split()) > 60:
+                docs.add(textwrap.dedent(doc))
+    return sorted(docs)

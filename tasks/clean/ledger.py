@@ -23,6 +23,7 @@ class ShardLedger(BaseModel):
     kept: int
     removed: dict[str, int] = Field(default_factory=dict)  # "stage/reason" → documents
     quarantined: dict[str, int] = Field(default_factory=dict)  # error code → lines
+    filters: str = ""  # the safety/quality settings the shard was filtered with (a change recomputes it)
 
     @property
     def accounted(self) -> int:

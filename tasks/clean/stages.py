@@ -3,15 +3,18 @@
 1. ``rules_stage`` (per shard): parse and validate → quarantine, normalise + language id, heuristic rules, and the
    shard's exact and MinHash signatures for dedup.
 2. ``dedup_stage`` (once, across shards): band buckets → clusters.
-3. ``finish_stage`` (per shard): drop duplicates, write the clean shard, its removed documents with reasons, its
-   quarantine, and its ledger (which must balance).
+3. ``quality_model_stage`` (once): train the quality classifier on the rule-passing documents (or load a given one).
+4. ``finish_stage`` (per shard): drop duplicates, then the safety and quality filters (InternLM2's order: rules →
+   dedup → safety → quality); write the clean shard, its removed documents with reasons, its quarantine, and its
+   ledger (which must balance).
 
 Every stage writes its outputs atomically and finishes by writing a marker, so a re-run skips finished work and a
 crash in the middle leaves nothing that looks complete.
 
-Layout under ``out_url``: ``text/<shard>.jsonl`` (kept, ``meta.lang`` added), ``removed/<shard>.parquet`` (with
-``stage`` and ``reason``), ``quarantine/<shard>.jsonl`` (line, error, detail, raw excerpt), ``ledger/<shard>.json``;
-intermediates under ``<out_url>/_work``.
+Layout under ``out_url``: ``text/<shard>.jsonl`` (kept; ``meta`` gains ``lang`` and the ``toxicity``, ``adult`` and
+``quality`` scores that were computed), ``removed/<shard>.parquet`` (with ``stage`` and ``reason``),
+``quarantine/<shard>.jsonl`` (line, error, detail, raw excerpt), ``ledger/<shard>.json``, ``quality_model.npz`` (the
+trained quality classifier, reusable with ``QualityConfig(model=...)``); intermediates under ``<out_url>/_work``.
 """
 
 from __future__ import annotations
@@ -24,12 +27,18 @@ from typing import Any
 import polars as pl
 
 from infra import storage
+from tasks.clean.classify import TextClassifier
 from tasks.clean.dedup import DedupConfig, band_buckets, clusters, filter_shard, shard_signatures
-from tasks.clean.ledger import ShardLedger
+from tasks.clean.ledger import Ledger, ShardLedger
 from tasks.clean.parse import normalize, parse_shard
-from tasks.clean.rules import apply_rules, rule_config
+from tasks.clean.quality import QualityConfig, apply_quality, train_quality
+from tasks.clean.rules import FAMILIES, apply_rules, rule_config
+from tasks.clean.safety import SafetyConfig, apply_safety
 
 WORK = "_work"
+QUALITY_MODEL = "quality_model.npz"
+SCORES = ("toxicity", "adult", "quality")  # columns the filters add; they go into meta
+FUNNEL = (*FAMILIES, "dedup", "safety", "quality")  # stages in the order documents meet them
 
 
 def raw_shards(input_url: str) -> list[tuple[str, str]]:
@@ -95,7 +104,8 @@ def _forget_downstream(out_url: str, name: str) -> None:
     stale = [storage.join(work, kind, f"{name}.parquet") for kind in ("exact", "minhash")]
     for folder in (storage.join(work, "buckets"), storage.join(work, "clusters"), storage.join(out_url, "ledger")):
         stale += storage.list_files(folder, "**") if _is_dir(folder) else []
-    for url in [*stale, storage.join(out_url, "ledger.json")]:
+    quality = [storage.join(out_url, f) for f in (QUALITY_MODEL, "quality_model.json")]
+    for url in [*stale, *quality, storage.join(out_url, "ledger.json")]:
         storage.remove(url, missing_ok=True)
 
 
@@ -106,15 +116,57 @@ def dedup_stage(out_url: str, names: list[str], dedup: DedupConfig) -> str:
     return clusters(work, dedup)
 
 
-def finish_stage(name: str, out_url: str) -> ShardLedger:
-    """Write the clean shard, removed documents, quarantine and the shard's ledger (checked)."""
+def quality_model_stage(out_url: str, names: list[str], cfg: QualityConfig) -> str | None:
+    """The quality model's URL: `cfg.model` if given, else one trained on the shards' rule-passing documents
+    (stored at ``<out_url>/quality_model.npz``, its report beside it); None when the quality filter is off."""
+    if cfg.min_score is None:
+        return None
+    if cfg.model is not None:
+        TextClassifier.load(cfg.model)  # fail here, with the URL named, rather than in every shard
+        return cfg.model
+    url, report_url = storage.join(out_url, QUALITY_MODEL), storage.join(out_url, "quality_model.json")
+    version = {"shards": sorted(names), "config": cfg.model_dump()}
+    if storage.exists(url) and storage.exists(report_url) and storage.read_json(report_url).get("version") == version:
+        return url
+    texts = pl.concat([read_frame(_url(out_url, "kept.parquet", n)).select("text") for n in sorted(names)])
+    model = train_quality(texts.get_column("text").to_list(), cfg)
+    model.save(url)
+    storage.write_json(report_url, {"version": version, **model.info})
+    return url
+
+
+def filters_version(safety: SafetyConfig, quality: QualityConfig, quality_model: str | None) -> str:
+    """What the finish stage's filters depend on: a stored ledger with another version is recomputed."""
+    model = None if quality_model is None else fingerprint(quality_model)
+    return json.dumps({"safety": safety.model_dump(), "quality": quality.model_dump(), "model": model}, sort_keys=True)
+
+
+def finish_stage(
+    name: str, out_url: str, safety: SafetyConfig | None = None, quality: QualityConfig | None = None,
+    quality_model: str | None = None,
+) -> ShardLedger:
+    """Drop duplicates, filter for safety and quality, and write the clean shard, removed documents, quarantine
+    and the shard's ledger (checked). `quality_model` is `quality_model_stage`'s URL (None: no quality filter)."""
+    safety = safety or SafetyConfig()
+    quality = quality or QualityConfig(min_score=None)
+    if quality.min_score is not None and quality_model is None:
+        raise ValueError("finish_stage: QualityConfig.min_score is set but no quality_model URL was given: "
+                         "run quality_model_stage first (or set min_score=None)")
+    version = filters_version(safety, quality, quality_model)
     ledger_url = storage.join(out_url, "ledger", f"{name}.json")
     if storage.exists(ledger_url):
-        return ShardLedger.model_validate(storage.read_json(ledger_url))
+        stored = ShardLedger.model_validate(storage.read_json(ledger_url))
+        if stored.filters == version:
+            return stored
     counts = storage.read_json(_url(out_url, "counts.json", name))
     kept, duplicates = filter_shard(read_frame(_url(out_url, "kept.parquet", name)), name,
                                     storage.join(out_url, WORK, "dedup"))
-    removed = pl.concat([read_frame(_url(out_url, "removed.parquet", name)), duplicates], how="diagonal_relaxed")
+    kept, unsafe = apply_safety(kept, safety)
+    removed_parts = [read_frame(_url(out_url, "removed.parquet", name)), duplicates, unsafe]
+    if quality_model is not None:
+        kept, low = apply_quality(kept, TextClassifier.load(quality_model), quality)
+        removed_parts.append(low)
+    removed = pl.concat(removed_parts, how="diagonal_relaxed")
     quarantine = read_frame(_url(out_url, "quarantine.parquet", name))
     storage.write_bytes(storage.join(out_url, "text", f"{name}.jsonl"), _records(kept))
     write_frame(storage.join(out_url, "removed", f"{name}.parquet"), removed)
@@ -122,17 +174,37 @@ def finish_stage(name: str, out_url: str) -> ShardLedger:
     ledger = ShardLedger(
         shard=name, lines=counts["lines"], kept=len(kept),
         removed=dict(Counter(f"{s}/{r}" for s, r in removed.select("stage", "reason").iter_rows())),
-        quarantined=dict(Counter(quarantine["error"].to_list())),
+        quarantined=dict(Counter(quarantine["error"].to_list())), filters=version,
     ).check()
     storage.write_json(ledger_url, ledger.model_dump())
     return ledger
 
 
+def classifier_metrics(ledger: Ledger, quality_model: str | None) -> dict[str, float]:
+    """Held-out precision/recall of the classifiers that ran (by the removal reasons present), for MLflow."""
+    out: dict[str, float] = {}
+    reports: dict[str, dict[str, Any]] = {}
+    if any(s.filters and json.loads(s.filters)["safety"]["max_adult"] is not None for s in ledger.shards):
+        from tasks.clean.safety import adult_classifier
+
+        reports["adult"] = adult_classifier().info["held_out"]
+    if any(s.filters and json.loads(s.filters)["safety"]["max_toxicity"] is not None for s in ledger.shards):
+        from tasks.clean.safety import evaluate_toxicity
+
+        reports["toxicity"] = evaluate_toxicity()
+    if quality_model is not None:
+        reports["quality"] = TextClassifier.load(quality_model).info.get("held_out", {})
+    for name, report in reports.items():
+        out.update({f"classifier/{name}/{k}": float(v) for k, v in report.items() if isinstance(v, int | float)})
+    return out
+
+
 def _records(kept: pl.DataFrame) -> bytes:
-    """Kept documents as corpus records, the detected language added to ``meta`` (one JSON object a line)."""
+    """Kept documents as corpus records, language and scores added to ``meta`` (one JSON object a line)."""
     lines = []
-    for doc in kept.select("id", "text", "source", "meta", "lang").iter_rows(named=True):
-        meta = {**json.loads(doc["meta"] or "{}"), "lang": doc["lang"]}
+    scores = [c for c in SCORES if c in kept.columns]
+    for doc in kept.select("id", "text", "source", "meta", "lang", *scores).iter_rows(named=True):
+        meta = {**json.loads(doc["meta"] or "{}"), "lang": doc["lang"], **{c: doc[c] for c in scores}}
         lines.append(json.dumps({"id": doc["id"], "text": doc["text"], "source": doc["source"], "meta": meta},
                                 ensure_ascii=False))
     return ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8")

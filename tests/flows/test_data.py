@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import random
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,8 @@ from flows.params import Where
 from infra import storage
 from tasks.clean.dedup import DedupConfig
 from tasks.clean.ledger import Ledger
+from tasks.clean.quality import QualityConfig
+from tasks.clean.safety import read_list
 from tasks.clean.stages import dedup_stage, finish_stage, rules_stage
 
 BAD_LINES = {
@@ -33,26 +33,9 @@ BAD_LINES = {
 }
 
 
-def good_docs() -> list[str]:
-    """Ordinary English prose from the standard library's docstrings: long enough for the rules to keep."""
-    import argparse
-    import collections
-    import json as json_mod
-    import logging
-    import pathlib
-    import subprocess
-
-    docs = []
-    for mod in (argparse, collections, json_mod, logging, pathlib, subprocess):
-        for _, obj in inspect.getmembers(mod):
-            doc = inspect.getdoc(obj) or ""
-            if len(doc.split()) > 80:
-                docs.append(textwrap.dedent(doc))
-    return sorted(set(docs))
-
-
-def record(text: str, i: int, source: str = "test") -> bytes:
-    return json.dumps({"id": f"d{i}", "text": text, "source": source, "meta": {}}).encode()
+def record(text: str, i: int, source: str = "test", url: str | None = None) -> bytes:
+    meta = {} if url is None else {"url": url}
+    return json.dumps({"id": f"d{i}", "text": text, "source": source, "meta": meta}).encode()
 
 
 def write_corpus(root: Path, shards: list[list[bytes]]) -> Path:
@@ -63,11 +46,11 @@ def write_corpus(root: Path, shards: list[list[bytes]]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    docs = good_docs()[:40]
-    assert len(docs) >= 30
+def corpus(tmp_path_factory: pytest.TempPathFactory, prose: list[str]) -> Path:
+    docs = prose[:41]
     shard0 = [record(t, i) for i, t in enumerate(docs[:20])] + list(BAD_LINES.values())
-    shard1 = [record(t, 100 + i) for i, t in enumerate(docs[20:])]
+    shard1 = [record(t, 100 + i) for i, t in enumerate(docs[20:40])]
+    shard1 += [record(docs[40], 300, url=f"https://videos.{read_list('builtin', 'blocked_domains.txt')[0]}/x")]
     shard1 += [record(docs[0], 200), record(docs[1].replace(" ", "  "), 201)]  # exact and whitespace duplicates
     return write_corpus(tmp_path_factory.mktemp("raw"), [shard0, shard1])
 
@@ -107,6 +90,9 @@ def test_removed_documents_carry_stage_and_reason_and_kept_carry_language(cleane
     dups = set(removed.filter(pl.col("stage") == "dedup")["id"].to_list())
     pairs = [(orig, copy) for orig, copy in (("d0", "d200"), ("d1", "d201")) if orig in kept_ids]
     assert pairs and all(copy in dups for _, copy in pairs)  # the later copy (exact, or whitespace-edited) goes
+    reasons = dict(zip(removed["id"], removed["reason"], strict=True))
+    assert reasons["d300"] == "safety_blocked_domain"
+    assert all(0 <= doc["meta"][k] <= 1 for doc in kept for k in ("toxicity", "adult", "quality"))
 
 
 def test_mlflow_and_funnel(cleaned: tuple[Path, Where, Any]) -> None:
@@ -114,13 +100,18 @@ def test_mlflow_and_funnel(cleaned: tuple[Path, Where, Any]) -> None:
     client = MlflowClient(where.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id],
                               "tags.`lmforge.stage` = 'data/text'")
-    assert runs and runs[0].data.metrics["docs/kept"] == result["kept"]
+    metrics = runs[0].data.metrics
+    assert runs and metrics["docs/kept"] == result["kept"]
+    for name in ("adult", "toxicity", "quality"):
+        assert 0 <= metrics[f"classifier/{name}/precision"] <= 1 and 0 <= metrics[f"classifier/{name}/recall"] <= 1
+    assert (out / "quality_model.npz").exists() and "held_out" in json.loads((out / "quality_model.json").read_text())
     assert (out / "funnel.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cleaning_its_own_output_removes_nothing(prefect_server: None, cleaned: tuple[Path, Where, Any]) -> None:
     out, where, first = cleaned
-    again = data_flow(DataParams(input=str(out), output=str(out.parent / "again"), where=where))
+    same_model = QualityConfig(model=str(out / "quality_model.npz"))  # the same filters: retraining would differ
+    again = data_flow(DataParams(input=str(out), output=str(out.parent / "again"), quality=same_model, where=where))
     assert again["removed"] == {} and again["quarantined"] == {}
     assert again["kept"] == first["kept"]
 
@@ -148,8 +139,8 @@ LINE_KINDS = st.sampled_from(["good", "dup", *BAD_LINES])
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.lists(LINE_KINDS, min_size=1, max_size=12), min_size=1, max_size=3), st.integers(0, 10**6))
-def test_ledger_balances_on_random_shards(tmp_path: Path, kinds: list[list[str]], seed: int) -> None:
-    docs, rng = good_docs(), random.Random(seed)
+def test_ledger_balances_on_random_shards(tmp_path: Path, prose: list[str], kinds: list[list[str]], seed: int) -> None:
+    docs, rng = prose, random.Random(seed)
     shards = [[BAD_LINES[k] if k in BAD_LINES else record(rng.choice(docs[:3] if k == "dup" else docs), i)
                for i, k in enumerate(shard)] for shard in kinds]
     root = write_corpus(tmp_path / f"raw-{seed}-{len(str(kinds))}", shards)
