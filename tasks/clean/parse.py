@@ -26,14 +26,6 @@ import polars as pl
 import pycld2
 import xxhash
 
-DOC_SCHEMA: dict[str, pl.DataType] = {
-    "id": pl.Utf8(),
-    "text": pl.Utf8(),
-    "source": pl.Utf8(),
-    "meta": pl.Utf8(),
-    "shard": pl.Utf8(),
-    "line": pl.Int64(),
-}
 QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
     "shard": pl.Utf8(),
     "line": pl.Int64(),
@@ -66,6 +58,26 @@ class BadRecord(ValueError):
         assert code in ERROR_CODES, code
         super().__init__(detail)
         self.code = code
+
+
+@dataclass(frozen=True)
+class Contract:
+    """The fields of one kind of record: required strings (``text`` among them), optional strings, plus the
+    optional ``id`` (string; a content hash when absent) and ``meta`` (object) every kind has."""
+
+    kind: str
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+
+    @property
+    def schema(self) -> dict[str, pl.DataType]:
+        fields = ("id", *self.required, *self.optional, "meta")
+        return {**{f: pl.Utf8() for f in fields}, "shard": pl.Utf8(), "line": pl.Int64()}
+
+
+TEXT = Contract("text", REQUIRED_FIELDS)
+CODE = Contract("code", ("text", "repo", "path"), ("lang",))
+DOC_SCHEMA = TEXT.schema
 
 
 @dataclass(frozen=True)
@@ -115,18 +127,23 @@ def _decode(line: bytes) -> Any:
         raise BadRecord("invalid_json", f"invalid JSON: {err.msg} at column {err.colno}") from None
 
 
-def _check_fields(obj: dict[str, Any]) -> None:
-    missing = [k for k in REQUIRED_FIELDS if k not in obj]
+def _check_fields(obj: dict[str, Any], contract: Contract = TEXT) -> None:
+    missing = [k for k in contract.required if k not in obj]
     if missing:
-        raise BadRecord("missing_field", f"missing field(s) {missing}: a text record needs 'text' and 'source'")
-    unknown = sorted(set(obj) - set(REQUIRED_FIELDS) - set(OPTIONAL_FIELDS))
+        needs = " and ".join(repr(k) for k in contract.required)
+        raise BadRecord("missing_field", f"missing field(s) {missing}: a {contract.kind} record needs {needs}")
+    unknown = sorted(set(obj) - {*contract.required, *contract.optional, *OPTIONAL_FIELDS})
     if unknown:
         raise BadRecord("unknown_field", f"unknown field(s) {unknown}: put extra data under 'meta'")
-    for key, kind in (("text", str), ("source", str), ("id", (str, type(None))), ("meta", (dict, type(None)))):
+    nullable_str, nullable_obj = (str, type(None)), (dict, type(None))
+    kinds = [*((k, str) for k in contract.required), *((k, nullable_str) for k in (*contract.optional, "id")),
+             ("meta", nullable_obj)]
+    for key, kind in kinds:
         if key in obj and not isinstance(obj[key], kind):
             raise BadRecord("wrong_type", f"field {key!r} is {type(obj[key]).__name__}, expected {_kind_name(kind)}")
-    if not obj["source"]:
-        raise BadRecord("missing_field", "field 'source' is empty")
+    for key in contract.required:
+        if key != "text" and not obj[key]:
+            raise BadRecord("missing_field", f"field {key!r} is empty")
     if obj.get("id") == "":
         raise BadRecord("wrong_type", "field 'id' is an empty string: give a real id, or none to get a content hash")
 
@@ -153,37 +170,38 @@ def _encodable(record: dict[str, Any]) -> None:
         raise BadRecord("invalid_utf8", f"lone surrogate escape in a string: {err.reason}") from None
 
 
-def parse_record(line: bytes, *, max_chars: int) -> dict[str, str]:
-    """One line → {id, text, source, meta (JSON)}, or BadRecord saying what is wrong with it."""
+def parse_record(line: bytes, *, max_chars: int, contract: Contract = TEXT) -> dict[str, str | None]:
+    """One line → {id, the contract's fields, meta (JSON)}, or BadRecord saying what is wrong with it."""
     if not line.strip():
         raise BadRecord("empty_line", "blank line")
     obj = _decode(line)
     if not isinstance(obj, dict):
         raise BadRecord("not_an_object", f"a JSON {type(obj).__name__}, expected an object")
-    _check_fields(obj)
+    _check_fields(obj, contract)
     text, meta = obj["text"], obj.get("meta") or {}
-    if "\x00" in obj["source"] or "\x00" in (obj.get("id") or ""):
-        raise BadRecord("nul_byte", "NUL character in 'id' or 'source'")
+    names = [k for k in (*contract.required, *contract.optional, "id") if k != "text"]
+    if any("\x00" in (obj.get(k) or "") for k in names):
+        raise BadRecord("nul_byte", f"NUL character in one of {names}")
     _check_text(text, max_chars)
     _encodable(obj)
-    doc_id = obj.get("id") or content_id(text)
-    return {"id": doc_id, "text": text, "source": obj["source"], "meta": json.dumps(meta, ensure_ascii=False)}
+    fields = {k: obj.get(k) for k in (*contract.required, *contract.optional)}
+    return {"id": obj.get("id") or content_id(text), **fields, "meta": json.dumps(meta, ensure_ascii=False)}
 
 
-def parse_shard(data: bytes, shard: str, *, max_chars: int = 1_000_000) -> ParsedShard:
-    """Split a JSONL shard into valid documents and a quarantine of bad lines; nothing is dropped silently."""
+def parse_shard(data: bytes, shard: str, *, max_chars: int = 1_000_000, contract: Contract = TEXT) -> ParsedShard:
+    """Split a JSONL shard into valid records and a quarantine of bad lines; nothing is dropped silently."""
     if max_chars < 1:
         raise ValueError(f"max_chars={max_chars}: expected a positive number of characters")
     docs: list[dict[str, Any]] = []
     bad: list[dict[str, Any]] = []
     for number, line in enumerate(split_lines(data), start=1):
         try:
-            docs.append({**parse_record(line, max_chars=max_chars), "shard": shard, "line": number})
+            docs.append({**parse_record(line, max_chars=max_chars, contract=contract), "shard": shard, "line": number})
         except BadRecord as err:
             bad.append(
                 {"shard": shard, "line": number, "error": err.code, "detail": str(err), "raw": raw_excerpt(line)}
             )
-    return ParsedShard(pl.DataFrame(docs, schema=DOC_SCHEMA), pl.DataFrame(bad, schema=QUARANTINE_SCHEMA))
+    return ParsedShard(pl.DataFrame(docs, schema=contract.schema), pl.DataFrame(bad, schema=QUARANTINE_SCHEMA))
 
 
 # ---------------------------------------------------------------- normalisation

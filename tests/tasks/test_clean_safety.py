@@ -116,7 +116,7 @@ def test_shipped_labelled_sets_are_well_formed() -> None:
 def test_adult_classifier_held_out_precision_and_recall() -> None:
     report = adult_classifier().info["held_out"]
     assert report["positives"] >= 25 and report["negatives"] >= 50  # a held-out quarter of the shipped set
-    assert report["precision"] >= 0.9 and report["recall"] >= 0.85, report  # measured: 0.92, 0.90
+    assert report["precision"] >= 0.9 and report["recall"] >= 0.9, report  # measured: 0.95, 0.95
     assert report["hard_negative_false_positive_rate"] <= 0.1, report
 
 
