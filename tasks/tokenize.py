@@ -2,9 +2,9 @@
 
 Each input shard ``<kind>/<name>.jsonl`` (kind: text or code) becomes ``tokens/<kind>-<name>.tokens.npy``
 ((n_tokens,) uint32, every document ``[<s>] + ids + [</s>]``) and ``tokens/<kind>-<name>.offsets.npy``
-((n_docs + 1,) int64), plus ``tokens/manifest.json`` listing them. Code files are rendered as Markdown first (a
-``# repo/path`` heading and a fenced block tagged with the language), as InternLM2 converts all code to Markdown;
-InternLM2 also orders files by repository dependencies, which is the code-cleaning stage's job, not this one's.
+((n_docs + 1,) int64), plus ``tokens/manifest.json`` listing them. A raw code file (a record with
+``repo``/``path``/``lang``) is rendered as Markdown first (a ``# repo/path`` heading and a fenced block tagged with
+the language); a code *document* (the code pipeline's dependency-sorted repository, already Markdown) is taken as is.
 """
 
 from __future__ import annotations
@@ -80,9 +80,9 @@ def _parse(line: bytes, url: str, number: int, kind: str) -> dict[str, Any]:
         record = orjson.loads(line)
     except orjson.JSONDecodeError as err:
         raise ValueError(f"{url} line {number}: not valid JSON ({err})") from err
-    fields = CODE_FIELDS if kind == "code" else ("text",)
     if not isinstance(record, dict):
         raise ValueError(f"{url} line {number}: expected a JSON object, got {type(record).__name__}")
+    fields = CODE_FIELDS if kind == "code" and "path" in record else ("text",)  # code: a file or a document
     for name in fields:
         if not isinstance(record.get(name), str):
             raise ValueError(f"{url} line {number}: field {name!r} must be a string, got {record.get(name)!r:.80}")
@@ -100,7 +100,7 @@ def document_text(record: dict[str, Any], kind: str) -> str | None:
     """What gets tokenized for a record: its text, or its Markdown rendering for code; None when empty."""
     if not record["text"].strip():
         return None
-    return render_code(record) if kind == "code" else record["text"]
+    return render_code(record) if kind == "code" and "path" in record else record["text"]
 
 
 def input_shards(corpus_url: str) -> list[tuple[str, str]]:
@@ -202,7 +202,7 @@ def _tokenize_shard(tokenizer: Tokenizer, kind: str, url: str, out_dir: str) -> 
             skipped += 1
             continue
         texts.append(text)
-        label = record["repo"] if kind == "code" else record.get("source")
+        label = record.get("repo") or (record.get("meta") or {}).get("repo") or record.get("source")
         sources[label if isinstance(label, str) else "unknown"] += 1
     tokens, offsets = _encode_docs(tokenizer, texts)
     rel, stem = _shard_name(kind, url)
