@@ -1,4 +1,8 @@
-"""The whole pipeline: corpus → text cleaning → tokenizer → token shards → pretraining phases 1–3 → HF export.
+"""The whole pipeline: corpus → text and code cleaning → tokenizer → token shards → phase 1 → long-text selection
+with the phase-1 model → phase 2 → capability mix → phase 3 → HF export.
+
+Each phase reads its own token shards: phase 1 the whole clean corpus, phase 2 the long-text flow's corpus (long
+documents that passed its filters, the short ones, dependency-sorted repositories), phase 3 the capability mix.
 
 Every stage writes under ``<root>/<run_name>/`` and is a cached, retryable task: re-running with the same parameters
 reuses finished stages, and an interrupted training phase resumes from its last checkpoint.
@@ -12,13 +16,21 @@ from prefect import flow
 from pydantic import BaseModel, Field
 
 from flows.data import DataParams, data_flow
+from flows.longtext import LongTextParams, longtext_flow
 from flows.params import Where, parent_run
 from flows.pretrain import PretrainParams, pretrain_flow
 from infra import storage
 from infra.tracking import tracker_for
 from model.config import get_preset
 from tasks.presets import pipeline_preset
-from tasks.stages import corpus_task, export_task, reuse_if_present, tokenize_task, tokenizer_task
+from tasks.stages import (
+    capability_mix_task,
+    corpus_task,
+    export_task,
+    reuse_if_present,
+    tokenize_task,
+    tokenizer_task,
+)
 from tasks.tokenize import token_manifest_url
 
 
@@ -42,9 +54,24 @@ def pipeline_flow(params: PipelineParams = PipelineParams()) -> dict[str, Any]: 
         train_tok = reuse_if_present(tokenizer_task, storage.join(tok_dir, "tokenizer.json"))
         tokenizer = train_tok(corpus, tok_dir, vocab, plan.tokenizer_sample_bytes, parent)
         tokens = reuse_if_present(tokenize_task, token_manifest_url(work))(corpus, tokenizer, work, parent)
+        names = [p.spec["name"] for p in plan.phases]
         pretrain = PretrainParams(tokens=tokens, output=storage.join(work, "pretrain"), preset=params.preset,
                                   where=params.where, parent_run=parent)
-        phases = pretrain_flow(pretrain)
+        phases = pretrain_flow(pretrain.model_copy(update={"phases": names[:1]}))
+        long_dir = storage.join(work, "longtext")
+        longtext_flow(LongTextParams(input=corpus, output=long_dir, checkpoint=phases[-1]["native_url"],
+                                     tokenizer=tokenizer, longtext=plan.longtext, perplexity=plan.perplexity,
+                                     where=params.where, parent_run=parent))
+        long_tokens = reuse_if_present(tokenize_task, token_manifest_url(long_dir))(long_dir, tokenizer, long_dir,
+                                                                                       parent)
+        phases += pretrain_flow(pretrain.model_copy(update={
+            "phases": names[1:2], "init": phases[-1]["native_url"], "phase_tokens": {names[1]: long_tokens}}))
+        mix_dir = storage.join(work, "capability")
+        mix = reuse_if_present(capability_mix_task, storage.join(mix_dir, "composition.json"))(
+            corpus, mix_dir, plan.capability, parent)
+        mix_tokens = reuse_if_present(tokenize_task, token_manifest_url(mix_dir))(mix, tokenizer, mix_dir, parent)
+        phases += pretrain_flow(pretrain.model_copy(update={
+            "phases": names[2:], "init": phases[-1]["native_url"], "phase_tokens": {names[2]: mix_tokens}}))
         export = reuse_if_present(export_task, storage.join(hf_dir, "config.json"))
         hf = export(phases[-1]["native_url"], tokenizer, hf_dir, parent)
         losses = {p["name"]: p["final_loss"] for p in phases}

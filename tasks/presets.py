@@ -14,6 +14,9 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from model.config import ConfigError, ModelConfig, get_preset
+from tasks.longtext.filters import LongTextConfig
+from tasks.longtext.perplexity import PerplexityConfig
+from tasks.mix import CapabilityMixConfig
 from tasks.phases import PhaseMix
 
 
@@ -29,6 +32,9 @@ class PipelinePreset(BaseModel):
     corpus: str
     tokenizer_sample_bytes: int
     phases: list[PhasePlan]
+    longtext: LongTextConfig  # which documents are long, and the statistical filters for them (phase 2)
+    perplexity: PerplexityConfig  # the perplexity-difference filter, scored with the phase-1 model
+    capability: CapabilityMixConfig = Field(default_factory=CapabilityMixConfig)  # the phase-3 data
 
     def model_config_for(self, index: int) -> ModelConfig:
         """Phase ``index``'s model: the base shape with that phase's RoPE base and the longest context so far."""
@@ -59,22 +65,30 @@ def _phases(
         PhasePlan(spec={"name": "phase3_capability", "seq_len": seq, "rope_theta": 1_000_000.0,
                         "max_steps": steps[2], "batch_size": batch[2], "accumulate": accum[2], "lr": lr / 4,
                         "warmup_steps": warm[2], **common},
-                  mix=PhaseMix(kind="capability", name="code-and-docs", weights={"code": 0.5, "text": 0.5})),
+                  mix=PhaseMix(kind="all", name="capability-mix")),  # the mix corpus holds the shares
     ]
 
 
 PIPELINE_PRESETS: dict[str, PipelinePreset] = {
     "smoke": PipelinePreset(model="smoke", corpus="smoke", tokenizer_sample_bytes=2_000_000,
+                            longtext=LongTextConfig(min_chars=2_000),
+                            perplexity=PerplexityConfig(segment_tokens=64, max_pairs=2, batch_size=4),
                             phases=_phases(128, steps=(12, 4, 4), batch=(4, 1, 2), accum=(1, 1, 1), lr=3e-3,
                                            every=4, precision="32-true", long_threshold=512)),
     "tiny": PipelinePreset(model="tiny", corpus="tiny", tokenizer_sample_bytes=20_000_000,
+                           longtext=LongTextConfig(min_chars=1_000),
+                           perplexity=PerplexityConfig(segment_tokens=128, max_pairs=4, batch_size=8),
                            phases=_phases(256, steps=(500, 100, 150), batch=(8, 1, 6), accum=(1, 2, 1), lr=2e-3,
                                           every=100)),
     "small": PipelinePreset(model="small", corpus="small", tokenizer_sample_bytes=50_000_000,
+                            longtext=LongTextConfig(min_chars=2_000),
+                            perplexity=PerplexityConfig(segment_tokens=256, max_pairs=4, batch_size=8),
                             phases=_phases(512, steps=(3000, 400, 400), batch=(8, 1, 4), accum=(2, 2, 2),
                                            lr=1e-3, every=250)),
     **{
         name: PipelinePreset(model=name, corpus="full", tokenizer_sample_bytes=500_000_000,
+                             longtext=LongTextConfig(),  # the paper's 32 KB
+                             perplexity=PerplexityConfig(segment_tokens=1024, max_pairs=8, batch_size=8),
                              phases=_phases(4096, steps=(45_000, 4_500, 1_000), batch=(8, 1, 4), accum=(128, 128, 64),
                                             lr=3e-4, every=500))
         for name in ("internlm2-1_8b", "internlm2-7b", "internlm2-20b")

@@ -194,15 +194,13 @@ def clean_report_task(
     """The total ledger (checked) to storage and MLflow, a funnel plot, the classifiers' held-out figures, and a
     Prefect table of reasons."""
     from tasks.clean.ledger import Ledger, funnel_plot
-    from tasks.clean.stages import FUNNEL, classifier_metrics, copy_code
+    from tasks.clean.stages import FUNNEL, classifier_metrics
 
     ledger = Ledger.model_validate({"shards": ledgers}).check()
     storage.write_json(storage.join(out_url, "ledger.json"), {**ledger.model_dump(), "removed": ledger.removed,
                                                                "quarantined": ledger.quarantined})
-    code = copy_code(input_url, out_url)
     with stage_run(parent, "data/text", {"input": input_url, "output": out_url}) as (tracker, ref):
-        tracker.log_metrics(ref, {**ledger.metrics(), "code_shards_copied": code,
-                                  **classifier_metrics(ledger, quality_model)})
+        tracker.log_metrics(ref, {**ledger.metrics(), **classifier_metrics(ledger, quality_model)})
         with tempfile.TemporaryDirectory() as tmp:
             plot = funnel_plot(ledger.funnel(FUNNEL), Path(tmp) / "funnel.png")
             storage.write_bytes(storage.join(out_url, "funnel.png"), plot.read_bytes())
@@ -212,3 +210,110 @@ def clean_report_task(
     table_artifact("text-cleaning", [{"stage/reason": "input lines", "documents": ledger.lines}, *rows,
                                      {"stage/reason": "kept", "documents": ledger.kept}], f"cleaned into {out_url}")
     return {"lines": ledger.lines, "kept": ledger.kept, "removed": ledger.removed, "quarantined": ledger.quarantined}
+
+
+# ------------------------------------------------------------------------------------------- code cleaning
+
+
+@task(name="code-rules", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+def code_rules_task(raw_url: str, name: str, out_url: str, cfg: Any, version: str) -> dict[str, Any]:
+    """Parse and validate one code shard (quarantine), oversized files out, dedup signatures."""
+    from tasks.clean.dedup import DedupConfig
+    from tasks.code.stages import code_rules_stage
+
+    return code_rules_stage(raw_url, name, out_url, cfg, DedupConfig())
+
+
+@task(name="code-dedup", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+def code_dedup_task(out_url: str, names: list[str], versions: list[str]) -> str:
+    """Whitespace-insensitive exact and MinHash-LSH clusters across the code shards."""
+    from tasks.clean.dedup import DedupConfig
+    from tasks.code.stages import code_dedup_stage
+
+    return code_dedup_stage(out_url, names, DedupConfig())
+
+
+@task(name="code-finish", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+def code_finish_task(out_url: str, names: list[str], cfg: Any, versions: list[str]) -> dict[str, Any]:
+    """Quality tiers, dependency-sorted repository documents, and the code ledger."""
+    from tasks.code.stages import code_finish_stage
+
+    return code_finish_stage(out_url, names, cfg).model_dump()
+
+
+@task(name="code-report", **IO_RETRIES)
+def code_report_task(ledgers: dict[str, Any], input_url: str, out_url: str, parent: RunRef) -> dict[str, Any]:
+    """The code ledger to MLflow, a funnel plot, tier counts, and a Prefect table of reasons."""
+    from tasks.clean.ledger import Ledger, funnel_plot
+
+    ledger = Ledger.model_validate(ledgers).check()
+    total = storage.read_json(storage.join(out_url, "code_ledger.json"))
+    with stage_run(parent, "data/code", {"input": input_url, "output": out_url}) as (tracker, ref):
+        tracker.log_metrics(ref, {**ledger.metrics(), "repos": float(total["repos"])})
+        with tempfile.TemporaryDirectory() as tmp:
+            steps = ledger.funnel(["code_rules", "dedup", "code_quality", "code_repo"])
+            plot = funnel_plot(steps, Path(tmp) / "code_funnel.png", title="code cleaning funnel (files)")
+            storage.write_bytes(storage.join(out_url, "code_funnel.png"), plot.read_bytes())
+            tracker.log_artifact(ref, plot, "plots")
+    rows = [{"stage/reason": k, "files": v} for k, v in ledger.removed.items()]
+    rows += [{"stage/reason": f"quarantine/{k}", "files": v} for k, v in ledger.quarantined.items()]
+    table_artifact("code-cleaning", [{"stage/reason": "input files", "files": ledger.lines}, *rows,
+                                     {"stage/reason": "kept (in repository documents)", "files": ledger.kept},
+                                     {"stage/reason": "repository documents", "files": total["repos"]}],
+                   f"code cleaned into {out_url}")
+    return {"files": ledger.lines, "kept": ledger.kept, "repos": total["repos"], "removed": ledger.removed,
+            "quarantined": ledger.quarantined}
+
+
+# ------------------------------------------------------------------------------------------- long text and mixes
+
+
+@task(name="longtext", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+def longtext_task(
+    shard_url: str, name: str, out_url: str, checkpoint_url: str, tokenizer_url: str, cfg: Any, ppl: Any,
+    version: str,
+) -> dict[str, Any]:
+    """Long-document selection, statistical and perplexity-difference filters for one clean text shard."""
+    from tasks.longtext.stages import longtext_stage
+
+    return longtext_stage(shard_url, name, out_url, checkpoint_url, tokenizer_url, cfg, ppl).model_dump()
+
+
+@task(name="longtext-report", **IO_RETRIES)
+def longtext_report_task(
+    ledgers: list[dict[str, Any]], clean_url: str, out_url: str, parent: RunRef
+) -> dict[str, Any]:
+    """Phase 2's corpus summary (long/short shares, removed per reason, context gains) to storage and MLflow."""
+    from tasks.clean.ledger import ShardLedger, funnel_plot
+    from tasks.longtext.stages import copy_code, summarize
+
+    summary = summarize(out_url, [ShardLedger.model_validate(x) for x in ledgers])
+    code = copy_code(clean_url, out_url)
+    with stage_run(parent, "data/longtext", {"input": clean_url, "output": out_url}) as (tracker, ref):
+        metrics = {k: float(v) for k, v in summary.items() if isinstance(v, int | float)}
+        metrics.update({f"removed/{k}": float(v) for k, v in summary["removed"].items()})
+        tracker.log_metrics(ref, {**metrics, "code_shards": float(code)})
+        steps = [("documents", summary["documents"]), ("short (pass)", summary["short"]),
+                 ("long candidates", summary["long_kept"] + summary["long_removed"]),
+                 ("long kept", summary["long_kept"])]
+        with tempfile.TemporaryDirectory() as tmp:
+            plot = funnel_plot(steps, Path(tmp) / "longtext.png", title="phase-2 long-text selection")
+            tracker.log_artifact(ref, plot, "plots")
+    table_artifact("longtext", [{"measure": k, "value": v} for k, v in summary.items() if k != "removed"]
+                   + [{"measure": f"removed/{k}", "value": v} for k, v in summary["removed"].items()],
+                   f"phase-2 corpus at {out_url}")
+    return summary
+
+
+@task(name="capability-mix", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+def capability_mix_task(clean_url: str, out_url: str, cfg: Any, parent: RunRef) -> str:
+    """Phase 3's corpus: the best text, high-tier code and reasoning data at the configured shares."""
+    from tasks.mix import build_capability_mix
+
+    with stage_run(parent, "data/capability-mix", {"input": clean_url, **cfg.model_dump()}) as (tracker, ref):
+        composition = build_capability_mix(clean_url, out_url, cfg)
+        metrics = {f"{group}/{k}": float(v) for group, row in composition.items() for k, v in row.items()}
+        tracker.log_metrics(ref, metrics)
+        table_artifact("capability-mix", [{"group": g, **row} for g, row in composition.items()],
+                       f"phase-3 capability mix at {out_url}")
+    return out_url

@@ -33,6 +33,32 @@ BAD_LINES = {
 }
 
 
+CODE_UTIL = '''"""Helpers for the demo: greeting people by name."""
+
+
+def greet(name: str) -> str:
+    """A friendly greeting for `name`."""
+    return f"Hello, {name}!"
+'''
+CODE_MAIN = '''"""The demo's entry point: greets everyone named on the command line."""
+
+import sys
+
+from demo.util import greet
+
+
+def main(argv: list[str]) -> int:
+    """Print a greeting per name; returns the exit status."""
+    for name in argv:
+        print(greet(name))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
+'''
+
+
 def record(text: str, i: int, source: str = "test", url: str | None = None) -> bytes:
     meta = {} if url is None else {"url": url}
     return json.dumps({"id": f"d{i}", "text": text, "source": source, "meta": meta}).encode()
@@ -52,7 +78,13 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, prose: list[str]) -> Path:
     shard1 = [record(t, 100 + i) for i, t in enumerate(docs[20:40])]
     shard1 += [record(docs[40], 300, url=f"https://videos.{read_list('builtin', 'blocked_domains.txt')[0]}/x")]
     shard1 += [record(docs[0], 200), record(docs[1].replace(" ", "  "), 201)]  # exact and whitespace duplicates
-    return write_corpus(tmp_path_factory.mktemp("raw"), [shard0, shard1])
+    root = write_corpus(tmp_path_factory.mktemp("raw"), [shard0, shard1])
+    (root / "code").mkdir()
+    code = [{"repo": "demo", "path": "demo/util.py", "text": CODE_UTIL},
+            {"repo": "demo", "path": "demo/main.py", "text": CODE_MAIN},
+            {"repo": "demo", "path": "README.md", "text": "# demo\n\nA demonstration.\n"}]
+    (root / "code" / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in code) + "not json\n")
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +137,13 @@ def test_mlflow_and_funnel(cleaned: tuple[Path, Where, Any]) -> None:
     for name in ("adult", "toxicity", "quality"):
         assert 0 <= metrics[f"classifier/{name}/precision"] <= 1 and 0 <= metrics[f"classifier/{name}/recall"] <= 1
     assert (out / "quality_model.npz").exists() and "held_out" in json.loads((out / "quality_model.json").read_text())
+    code = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id],
+                              "tags.`lmforge.stage` = 'data/code'")
+    assert code and code[0].data.metrics["repos"] == result["code"]["repos"] == 1
+    assert result["code"]["files"] == 4 and result["code"]["quarantined"] == {"invalid_json": 1}
+    doc = json.loads((out / "code" / "repos-00000.jsonl").read_text())
+    assert doc["meta"]["order"] == ["README.md", "demo/util.py", "demo/main.py"]
+    assert (out / "code_funnel.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "funnel.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -112,7 +151,7 @@ def test_cleaning_its_own_output_removes_nothing(prefect_server: None, cleaned: 
     out, where, first = cleaned
     same_model = QualityConfig(model=str(out / "quality_model.npz"))  # the same filters: retraining would differ
     again = data_flow(DataParams(input=str(out), output=str(out.parent / "again"), quality=same_model, where=where))
-    assert again["removed"] == {} and again["quarantined"] == {}
+    assert again["removed"] == {} and again["quarantined"] == {}  # the text; code/ now holds documents, not files
     assert again["kept"] == first["kept"]
 
 
