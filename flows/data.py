@@ -74,9 +74,10 @@ def clean_text_flow(params: DataParams, parent: RunRef) -> dict[str, Any]:
     counts = rules_task.map(urls, names, params.output, params.rules, versions)
     dedup = dedup_task.submit(params.output, names, versions, wait_for=counts)
     model = quality_task.submit(params.output, names, params.quality, versions, wait_for=counts)
+    model_url = model.result()  # its error, not a "not ready" from every shard, when it fails (runs beside dedup)
     ledgers = finish_task.map(names, params.output, versions, unmapped(params.safety), unmapped(params.quality),
-                              unmapped(model), wait_for=[dedup])
-    return clean_report_task(ledgers.result(), params.input, params.output, parent, model.result())
+                              unmapped(model_url), wait_for=[dedup])
+    return clean_report_task(ledgers.result(), params.input, params.output, parent, model_url)
 
 
 @flow(name="clean-code", log_prints=True)

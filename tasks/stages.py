@@ -268,7 +268,7 @@ def code_report_task(ledgers: dict[str, Any], input_url: str, out_url: str, pare
 # ------------------------------------------------------------------------------------------- long text and mixes
 
 
-@task(name="longtext", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+@task(name="longtext-shard", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
 def longtext_task(
     shard_url: str, name: str, out_url: str, checkpoint_url: str, tokenizer_url: str, cfg: Any, ppl: Any,
     version: str,

@@ -69,7 +69,9 @@ def train_quality(good_texts: Sequence[str], cfg: QualityConfig | None = None) -
     cfg = cfg or QualityConfig()
     good_texts = [t for t in good_texts if t.strip()]
     if len(good_texts) < 20:
-        raise ValueError(f"the quality model needs at least 20 good documents to train on; got {len(good_texts)}")
+        raise ValueError(f"the quality model needs at least 20 rule-passing documents to train on; got "
+                         f"{len(good_texts)} (an empty or tiny corpus?): give QualityConfig.model, or set "
+                         "min_score=None to turn the quality filter off")
     rng = np.random.default_rng(cfg.seed)
     if len(good_texts) > cfg.train_docs:
         good_texts = [good_texts[i] for i in sorted(rng.choice(len(good_texts), cfg.train_docs, replace=False))]

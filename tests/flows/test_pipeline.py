@@ -17,28 +17,29 @@ from flows.pipeline import PipelineParams, pipeline_flow
 from infra import storage
 from model.checkpoint import load_model
 
-STAGES = {"corpus", "data/text", "tokenizer", "tokenize", "pretrain/phase1_short", "pretrain/phase2_long",
-          "pretrain/phase3_capability", "export"}
+STAGES = {"corpus", "data/text", "data/code", "tokenizer", "tokenize", "pretrain/phase1_short", "data/longtext",
+          "pretrain/phase2_long", "data/capability-mix", "pretrain/phase3_capability", "export"}
 
 
-STAGE_TASKS = {"build-corpus", "train-tokenizer", "tokenize", "pretrain-phase", "export-hf"}
+STAGE_TASKS = {"build-corpus", "train-tokenizer", "tokenize", "pretrain-phase", "export-hf", "capability-mix",
+               "longtext-shard"}
 
 
 def run_smoke(where: Where, **kw: Any) -> Any:
     return pipeline_flow(PipelineParams(preset="smoke", where=where, **kw), return_state=True)
 
 
-def task_states(flow_run_id: Any) -> list[str]:
+def task_states(flow_run_id: Any) -> list[tuple[str, str]]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 
-    async def read() -> list[str]:
+    async def read() -> list[tuple[str, str]]:
         async with get_client() as client:
             subflows = await client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
             ids = [flow_run_id, *(f.id for f in subflows)]
             runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-            return [r.state.name for r in runs if r.name.rsplit("-", 1)[0] in STAGE_TASKS]
+            return [(r.name, r.state.name) for r in runs if r.name.rsplit("-", 1)[0] in STAGE_TASKS]
 
     return asyncio.run(read())
 
@@ -74,6 +75,8 @@ def test_mlflow_parent_run_with_one_child_per_stage(smoke_run: tuple[Where, Any]
     history = client.get_metric_history(phase1.info.run_id, "train/loss")
     assert len(history) == 12 and history[-1].value < history[0].value
     assert "mix/long_token_share" in next(c for c in children if "phase2" in c.data.tags["lmforge.stage"]).data.metrics
+    mix = next(c for c in children if c.data.tags["lmforge.stage"] == "data/capability-mix").data.metrics
+    assert mix["reasoning/documents"] > 0 and mix["code/high_tier_documents"] > 0
 
 
 def test_export_loads_in_transformers_with_our_logits(smoke_run: tuple[Where, Any]) -> None:
@@ -93,7 +96,8 @@ def test_rerun_with_same_parameters_comes_from_the_cache(smoke_run: tuple[Where,
     assert second.is_completed()
     assert second.result()["final_losses"] == first.result()["final_losses"]
     states = task_states(second.state_details.flow_run_id)
-    assert len(states) == 7 and set(states) == {"Cached"}  # the data flow's tasks are cached too (below)
+    # corpus, tokenizer, 3 × tokenize, 3 × phase, capability mix, export, and one long-text task per clean shard
+    assert len(states) >= 11 and {s for _, s in states} == {"Cached"}, states  # data-flow tasks too (below)
 
 
 def test_missing_outputs_are_rebuilt_not_served_from_cache(smoke_run: tuple[Where, Any]) -> None:
@@ -103,7 +107,8 @@ def test_missing_outputs_are_rebuilt_not_served_from_cache(smoke_run: tuple[Wher
     again = run_smoke(where)
     assert again.is_completed()
     assert storage.exists(storage.join(work, "export", "hf", "config.json"))
-    assert sorted(task_states(again.state_details.flow_run_id)).count("Completed") == 1
+    states = task_states(again.state_details.flow_run_id)
+    assert [n.rsplit("-", 1)[0] for n, s in states if s == "Completed"] == ["export-hf"], states
 
 
 def test_unreadable_input_fails_with_the_url(prefect_server: None, tmp_path: Path) -> None:

@@ -160,7 +160,7 @@ def test_quality_training_is_deterministic_and_checks_its_input(prose: list[str]
     docs = prose[:60]
     a, b = train_quality(docs, QualityConfig(seed=3)), train_quality(docs, QualityConfig(seed=3))
     np.testing.assert_array_equal(a.weights, b.weights)
-    with pytest.raises(ValueError, match="at least 20 good documents"):
+    with pytest.raises(ValueError, match="at least 20 rule-passing documents"):
         train_quality(docs[:5])
     with pytest.raises(ValidationError, match="min_score"):
         QualityConfig(min_score=2)
