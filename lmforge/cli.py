@@ -103,10 +103,11 @@ def data(
     max_adult: Annotated[float, typer.Option(help="drop above this adult-content score; 1 = off")] = 0.5,
     min_quality: Annotated[float, typer.Option(help="drop below this quality score; 0 = off")] = 0.5,
     quality_model: Annotated[str | None, typer.Option(help="a trained quality model (.npz); default: train")] = None,
+    code_tree: Annotated[str | None, typer.Option(help="a directory of repositories (a folder each) to clean")] = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Clean raw JSONL text shards (the `data` deployment's flow): quarantine, rules, dedup, safety, quality, and a
-    ledger."""
+    """Clean raw JSONL shards (the `data` deployment's flow): text (quarantine, rules, dedup, safety, quality) and
+    code (quarantine, dedup, quality tiers, dependency-sorted repository documents), each with a ledger."""
     from flows.data import DataParams, data_flow
     from tasks.clean.quality import QualityConfig
     from tasks.clean.safety import SafetyConfig
@@ -123,8 +124,32 @@ def data(
     )
     quality = QualityConfig(min_score=None if min_quality <= 0 else min_quality, model=quality_model)
     params = DataParams(input=input, output=output, rules=rules, task_runner=task_runner, safety=safety,
-                        quality=quality, where=_where(None, None, tracking_uri))
-    _show_result("text cleaning", data_flow(params))
+                        quality=quality, code_tree=code_tree, where=_where(None, None, tracking_uri))
+    result = data_flow(params)
+    code = result.pop("code")
+    _show_result("text cleaning", result)
+    if code is not None:
+        _show_result("code cleaning", code)
+
+
+@app.command("longtext")
+def longtext(
+    input: Annotated[str, typer.Option("--input", help="a cleaned corpus (the data flow's output)")],
+    output: Annotated[str, typer.Option("--output", help="where phase 2's corpus goes")],
+    checkpoint: Annotated[str, typer.Option(help="the scoring model's checkpoint directory URL")],
+    tokenizer: Annotated[str, typer.Option(help="its tokenizer.json URL")],
+    preset: PresetOpt = "tiny",
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Select phase 2's long documents (the `longtext` deployment's flow) with a preset's thresholds."""
+    from flows.longtext import LongTextParams, longtext_flow
+    from tasks.presets import pipeline_preset
+
+    _check_preset(preset, pipeline_preset)
+    plan = pipeline_preset(preset)
+    params = LongTextParams(input=input, output=output, checkpoint=checkpoint, tokenizer=tokenizer,
+                            longtext=plan.longtext, perplexity=plan.perplexity, where=_where(None, None, tracking_uri))
+    _show_result("long-text selection", longtext_flow(params))
 
 
 @app.command("pretrain")
