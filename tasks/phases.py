@@ -41,6 +41,18 @@ def doc_kinds(manifest_url: str) -> np.ndarray:
     return np.concatenate([np.full(s["n_docs"], s["kind"], dtype=object) for s in manifest["shards"]])
 
 
+def doc_repeats(manifest_url: str) -> np.ndarray:
+    """Times each document is read by a phase that reads everything (``meta.weight`` rounded; 1 for most)."""
+    manifest = storage.read_json(manifest_url)
+    parts = []
+    for shard in manifest["shards"]:
+        counts = np.ones(shard["n_docs"], dtype=np.int64)
+        for index, times in (shard.get("repeats") or {}).items():
+            counts[int(index)] = times
+        parts.append(counts)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 def capability_mix(lengths: np.ndarray, kinds: np.ndarray, mix: PhaseMix, seed: int) -> np.ndarray:
     """Doc ids whose tokens split across groups as ``mix.weights`` says (groups sampled with repeats as needed)."""
     total = mix.total_tokens or int(lengths.sum())
@@ -57,12 +69,14 @@ def capability_mix(lengths: np.ndarray, kinds: np.ndarray, mix: PhaseMix, seed: 
 
 
 def select_documents(
-    lengths: np.ndarray, kinds: np.ndarray, mix: PhaseMix, *, default_threshold: int, seed: int
+    lengths: np.ndarray, kinds: np.ndarray, mix: PhaseMix, *, default_threshold: int, seed: int,
+    repeats: np.ndarray | None = None,
 ) -> tuple[np.ndarray | None, dict[str, float]]:
-    """(doc ids or None for all, shares to log) for one phase."""
+    """(doc ids or None for all, shares to log) for one phase; "all" repeats up-weighted documents (`repeats`)."""
     threshold = mix.long_threshold or default_threshold
     if mix.kind == "all":
-        ids = None
+        upweighted = repeats is not None and bool((repeats != 1).any())
+        ids = np.repeat(np.arange(len(lengths)), repeats) if upweighted else None
     elif mix.kind == "long_short":
         ids = mix_documents(lengths, long_threshold=threshold, long_fraction=mix.long_fraction, seed=seed,
                             total_tokens=mix.total_tokens)
@@ -71,7 +85,8 @@ def select_documents(
     chosen = np.arange(len(lengths)) if ids is None else ids
     long_share, short_share = long_short_token_share(lengths, chosen, threshold)
     shares = {"mix/long_token_share": long_share, "mix/short_token_share": short_share,
-              "mix/documents": float(len(chosen)), "mix/tokens": float(lengths[chosen].sum())}
+              "mix/documents": float(len(chosen)), "mix/tokens": float(lengths[chosen].sum()),
+              "mix/repeated_documents": float(len(chosen) - len(np.unique(chosen)))}
     for kind in sorted(set(kinds)):
         shares[f"mix/{kind}_token_share"] = float(lengths[chosen][kinds[chosen] == kind].sum() / lengths[chosen].sum())
     return ids, shares
@@ -83,4 +98,5 @@ def phase_documents(
     """Doc ids and logged shares for ``spec`` (a PhaseSpec) over the token shards of ``manifest_url``."""
     lengths = DocumentStore.from_shards(shards).lengths
     parsed = PhaseMix.model_validate(mix)
-    return select_documents(lengths, doc_kinds(manifest_url), parsed, default_threshold=spec.seq_len, seed=spec.seed)
+    return select_documents(lengths, doc_kinds(manifest_url), parsed, default_threshold=spec.seq_len, seed=spec.seed,
+                            repeats=doc_repeats(manifest_url))

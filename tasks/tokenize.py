@@ -47,6 +47,7 @@ class TokenShard(BaseModel):
     n_tokens: int
     skipped_empty: int  # records whose text was empty or whitespace only
     sources: dict[str, int]  # documents per `source` (text) or per `repo` (code)
+    repeats: dict[str, int] = {}  # document index (in this shard) → times a phase reading "all" repeats it
 
 
 class TokenManifest(BaseModel):
@@ -195,12 +196,16 @@ def _shard_name(kind: str, url: str) -> tuple[str, str]:
 def _tokenize_shard(tokenizer: Tokenizer, kind: str, url: str, out_dir: str) -> TokenShard:
     texts: list[str] = []
     sources: Counter[str] = Counter()
+    repeats: dict[str, int] = {}
     skipped = 0
     for record in read_records(url, kind):
         text = document_text(record, kind)
         if text is None:
             skipped += 1
             continue
+        weight = (record.get("meta") or {}).get("weight") if isinstance(record.get("meta"), dict) else None
+        if isinstance(weight, int | float) and weight > 0 and round(weight) != 1:
+            repeats[str(len(texts))] = max(1, round(weight))  # up-weighted (high-tier code): repeated whole
         texts.append(text)
         label = record.get("repo") or (record.get("meta") or {}).get("repo") or record.get("source")
         sources[label if isinstance(label, str) else "unknown"] += 1
@@ -215,6 +220,7 @@ def _tokenize_shard(tokenizer: Tokenizer, kind: str, url: str, out_dir: str) -> 
         n_tokens=len(tokens),
         skipped_empty=skipped,
         sources=dict(sorted(sources.items())),
+        repeats=repeats,
     )
     _save_npy(storage.join(out_dir, shard.tokens), tokens)
     _save_npy(storage.join(out_dir, shard.offsets), offsets)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from model.config import ConfigError
-from tasks.phases import PhaseMix, capability_mix, select_documents
+from tasks.phases import PhaseMix, capability_mix, doc_repeats, select_documents
 from tasks.presets import PIPELINE_PRESETS, pipeline_preset
 
 LENGTHS = np.array([50, 400, 30, 900, 20, 60, 1200, 10, 80, 700])
@@ -17,6 +17,19 @@ def test_phase1_reads_everything_and_reports_shares() -> None:
     long_tokens = 400 + 900 + 1200 + 700
     assert shares["mix/long_token_share"] == pytest.approx(long_tokens / LENGTHS.sum())
     assert shares["mix/documents"] == len(LENGTHS)
+
+
+def test_phase1_repeats_upweighted_documents(tmp_path: object) -> None:
+    import json
+    from pathlib import Path
+
+    manifest = Path(str(tmp_path)) / "manifest.json"
+    shards = [{"n_docs": 4, "repeats": {"2": 2}}, {"n_docs": 6, "repeats": {}}]
+    manifest.write_text(json.dumps({"shards": shards}))
+    repeats = doc_repeats(str(manifest))
+    assert repeats.tolist() == [1, 1, 2, 1, 1, 1, 1, 1, 1, 1]
+    ids, shares = select_documents(LENGTHS, KINDS, PhaseMix(), default_threshold=256, seed=0, repeats=repeats)
+    assert ids.tolist() == [0, 1, 2, 2, 3, 4, 5, 6, 7, 8, 9] and shares["mix/repeated_documents"] == 1
 
 
 def test_phase2_half_short_tokens() -> None:

@@ -210,3 +210,17 @@ def test_empty_corpus_dir_raises(tmp_path: Path, tokenizer_url: str) -> None:
         tokenize_corpus(str(tmp_path / "corpus"), tokenizer_url, str(tmp_path / "out"))
     with pytest.raises(ValueError, match="workers must be >= 1"):
         tokenize_corpus(str(tmp_path / "corpus"), tokenizer_url, str(tmp_path / "out"), workers=0)
+
+
+def test_code_documents_are_taken_as_is_and_their_weight_repeats_them(tokenizer_url: str, tmp_path: Path) -> None:
+    docs = [{"id": "r1", "text": "# repo\n\n## a.py\n```python\nx = 1\n```\n", "source": "code",
+             "meta": {"repo": "repo", "weight": 2.0}},
+            {"id": "r2", "text": "# other\n", "source": "code", "meta": {"repo": "other", "weight": 1.0}}]
+    (tmp_path / "corpus" / "code").mkdir(parents=True)
+    (tmp_path / "corpus" / "code" / "repos-00000.jsonl").write_text(_jsonl(docs))
+    manifest = tokenize_corpus(str(tmp_path / "corpus"), tokenizer_url, str(tmp_path / "out"), workers=1)
+    (shard,) = manifest.shards
+    assert shard.repeats == {"0": 2} and shard.sources == {"other": 1, "repo": 1}
+    _, decoded = _decoded_docs(token_manifest_url(str(tmp_path / "out")), tmp_path / "cache")
+    tokenizer = Tokenizer.from_file(storage.fs_for(tokenizer_url)[1])
+    assert tokenizer.decode(decoded[0], skip_special=True) == docs[0]["text"]
