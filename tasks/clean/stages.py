@@ -58,8 +58,54 @@ def _is_dir(url: str) -> bool:
     return bool(fs.isdir(path))
 
 
-def _url(work_url: str, kind: str, name: str) -> str:
-    return storage.join(work_url, WORK, "rules", f"{name}.{kind}")
+def work_dir(out_url: str, *sub: str) -> str:
+    """Where a pipeline keeps its intermediates: ``<out_url>/_work[/sub…]`` (text: none; code: "code")."""
+    return storage.join(out_url, WORK, *sub)
+
+
+def rules_url(work: str, kind: str, name: str) -> str:
+    return storage.join(work, "rules", f"{name}.{kind}")
+
+
+def _url(out_url: str, kind: str, name: str) -> str:
+    return rules_url(work_dir(out_url), kind, name)
+
+
+def stored_counts(work: str, name: str, version: dict[str, Any]) -> dict[str, Any] | None:
+    """A shard's first-stage counts when they were made from the same `version` of its input and settings."""
+    marker = rules_url(work, "counts.json", name)
+    if storage.exists(marker) and storage.read_json(marker).get("version") == version:
+        return storage.read_json(marker)
+    return None
+
+
+def save_first_stage(
+    work: str, name: str, frames: dict[str, pl.DataFrame], lines: int, version: dict[str, Any], dedup: DedupConfig
+) -> dict[str, Any]:
+    """Write a shard's kept/removed/quarantine frames and dedup signatures, then its counts marker (last)."""
+    for kind, frame in frames.items():
+        write_frame(rules_url(work, f"{kind}.parquet", name), frame)
+    shard_signatures(frames["kept"], name, storage.join(work, "dedup"), dedup)
+    counts = {"shard": name, "lines": lines, "kept_after_rules": len(frames["kept"]), "version": version}
+    storage.write_json(rules_url(work, "counts.json", name), counts)
+    return counts
+
+
+def forget_downstream(work: str, name: str, also: list[str]) -> None:
+    """A shard processed anew invalidates its signatures, the cross-shard buckets and clusters, and `also`
+    (folders: every file in them; files)."""
+    dedup = storage.join(work, "dedup")
+    stale = [storage.join(dedup, kind, f"{name}.parquet") for kind in ("exact", "minhash")]
+    for url in [storage.join(dedup, "buckets"), storage.join(dedup, "clusters"), *also]:
+        stale += storage.list_files(url, "**") if _is_dir(url) else [url]
+    for url in stale:
+        storage.remove(url, missing_ok=True)
+
+
+def cluster_stage(work: str, names: list[str], dedup: DedupConfig) -> str:
+    """Band buckets and clusters across the shards' signatures under `work`; returns the clusters URL."""
+    band_buckets(storage.join(work, "dedup"), dedup, names)
+    return clusters(storage.join(work, "dedup"), dedup)
 
 
 def write_frame(url: str, df: pl.DataFrame) -> None:
@@ -81,39 +127,22 @@ def fingerprint(url: str) -> str:
 
 def rules_stage(raw_url: str, name: str, out_url: str, rules: str, dedup: DedupConfig) -> dict[str, Any]:
     """Parse, normalise, apply the rules and hash one shard; returns its counts (stored; reused on re-run)."""
-    marker = _url(out_url, "counts.json", name)
     version = {"input": raw_url, "fingerprint": fingerprint(raw_url), "rules": rules}
-    if storage.exists(marker) and storage.read_json(marker).get("version") == version:
-        return storage.read_json(marker)
-    _forget_downstream(out_url, name)
+    work = work_dir(out_url)
+    stored = stored_counts(work, name, version)
+    if stored is not None:
+        return stored
+    quality = [storage.join(out_url, f) for f in (QUALITY_MODEL, "quality_model.json")]
+    forget_downstream(work, name, [storage.join(out_url, "ledger"), *quality, storage.join(out_url, "ledger.json")])
     parsed = parse_shard(storage.read_bytes(raw_url), name)
     kept, removed = apply_rules(normalize(parsed.docs), rule_config(rules).rules())
-    outputs = {"kept.parquet": kept, "removed.parquet": removed, "quarantine.parquet": parsed.quarantine}
-    for kind, frame in outputs.items():
-        write_frame(_url(out_url, kind, name), frame)
-    work = storage.join(out_url, WORK, "dedup")
-    shard_signatures(kept, name, work, dedup)
-    counts = {"shard": name, "lines": parsed.lines, "kept_after_rules": len(kept), "version": version}
-    storage.write_json(marker, counts)
-    return counts
-
-
-def _forget_downstream(out_url: str, name: str) -> None:
-    """A shard cleaned anew invalidates its signatures, the cross-shard clusters and every shard's ledger."""
-    work = storage.join(out_url, WORK, "dedup")
-    stale = [storage.join(work, kind, f"{name}.parquet") for kind in ("exact", "minhash")]
-    for folder in (storage.join(work, "buckets"), storage.join(work, "clusters"), storage.join(out_url, "ledger")):
-        stale += storage.list_files(folder, "**") if _is_dir(folder) else []
-    quality = [storage.join(out_url, f) for f in (QUALITY_MODEL, "quality_model.json")]
-    for url in [*stale, *quality, storage.join(out_url, "ledger.json")]:
-        storage.remove(url, missing_ok=True)
+    frames = {"kept": kept, "removed": removed, "quarantine": parsed.quarantine}
+    return save_first_stage(work, name, frames, parsed.lines, version, dedup)
 
 
 def dedup_stage(out_url: str, names: list[str], dedup: DedupConfig) -> str:
     """Band buckets and clusters across every shard; returns the clusters URL."""
-    work = storage.join(out_url, WORK, "dedup")
-    band_buckets(work, dedup, names)
-    return clusters(work, dedup)
+    return cluster_stage(work_dir(out_url), names, dedup)
 
 
 def quality_model_stage(out_url: str, names: list[str], cfg: QualityConfig) -> str | None:
@@ -160,7 +189,7 @@ def finish_stage(
             return stored
     counts = storage.read_json(_url(out_url, "counts.json", name))
     kept, duplicates = filter_shard(read_frame(_url(out_url, "kept.parquet", name)), name,
-                                    storage.join(out_url, WORK, "dedup"))
+                                    storage.join(work_dir(out_url), "dedup"))
     kept, unsafe = apply_safety(kept, safety)
     removed_parts = [read_frame(_url(out_url, "removed.parquet", name)), duplicates, unsafe]
     if quality_model is not None:

@@ -17,7 +17,7 @@ built-in corpus's ``code/*.jsonl``), or a directory tree of repositories that `i
 Layout under ``out_url``: ``code/repos-<k>.jsonl`` (documents: ``{"id", "text", "source": "code", "meta"}`` with
 ``meta.repo``, ``files``, ``tier`` (high when most of its code bytes are high-tier), ``weight``, ``order``),
 ``code_removed/<shard>.parquet``, ``code_quarantine/<shard>.jsonl``, ``code_ledger/<shard>.json``,
-``code_ledger.json``; intermediates under ``<out_url>/_work/code``.
+``code_ledger.json``; intermediates under ``<out_url>/_work/code`` (laid out as the text pipeline's).
 """
 
 from __future__ import annotations
@@ -32,14 +32,24 @@ import xxhash
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra import storage
-from tasks.clean.dedup import DedupConfig, band_buckets, clusters, filter_shard, shard_signatures
+from tasks.clean.dedup import DedupConfig, filter_shard
 from tasks.clean.ledger import Ledger, ShardLedger
 from tasks.clean.parse import CODE, parse_shard, raw_excerpt
-from tasks.clean.stages import _ndjson, fingerprint, read_frame, write_frame
+from tasks.clean.stages import (
+    _ndjson,
+    cluster_stage,
+    fingerprint,
+    forget_downstream,
+    read_frame,
+    rules_url,
+    save_first_stage,
+    stored_counts,
+    work_dir,
+    write_frame,
+)
 from tasks.code.depsort import SourceFile, dependency_order, repository_markdown
 from tasks.code.quality import CodeQualityConfig, score_code
 
-WORK = "_work/code"
 LANG_BY_SUFFIX = {
     ".py": "python", ".pyi": "python", ".c": "c", ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".cxx": "cpp",
     ".hpp": "cpp", ".hh": "cpp", ".js": "javascript", ".jsx": "javascript", ".mjs": "javascript",
@@ -73,7 +83,7 @@ def language(path: str) -> str:
 
 
 def _url(out_url: str, kind: str, name: str) -> str:
-    return storage.join(out_url, WORK, "rules", f"{name}.{kind}")
+    return rules_url(work_dir(out_url, "code"), kind, name)
 
 
 def ingest_tree(tree_url: str, out_url: str, *, shard_files: int = 1000) -> dict[str, Any]:
@@ -123,11 +133,12 @@ def code_shards(inputs: list[str]) -> list[tuple[str, str]]:
 
 def code_rules_stage(raw_url: str, name: str, out_url: str, cfg: CodeConfig, dedup: DedupConfig) -> dict[str, Any]:
     """Parse and validate one code shard, quarantine binary files, remove oversized ones, write its signatures."""
-    marker = _url(out_url, "counts.json", name)
     version = {"input": raw_url, "fingerprint": fingerprint(raw_url), "config": cfg.model_dump()}
-    if storage.exists(marker) and storage.read_json(marker).get("version") == version:
-        return storage.read_json(marker)
-    _forget_downstream(out_url, name)
+    work = work_dir(out_url, "code")
+    stored = stored_counts(work, name, version)
+    if stored is not None:
+        return stored
+    forget_downstream(work, name, [storage.join(out_url, "code_ledger.json")])
     parsed = parse_shard(storage.read_bytes(raw_url), name, max_chars=10 * cfg.max_file_bytes, contract=CODE)
     docs = parsed.docs.with_columns(pl.coalesce("lang", pl.col("path").map_elements(language, pl.Utf8)).alias("lang"))
     share = pl.col("text").str.count_matches(_BINARY) / pl.col("text").str.len_chars()
@@ -143,28 +154,13 @@ def code_rules_stage(raw_url: str, name: str, out_url: str, cfg: CodeConfig, ded
     removed = docs.filter(size > cfg.max_file_bytes).with_columns(stage=pl.lit("code_rules"),
                                                                   reason=pl.lit("code_too_large"))
     kept = docs.filter(size <= cfg.max_file_bytes)
-    for kind, frame in (("kept.parquet", kept), ("removed.parquet", removed), ("quarantine.parquet", quarantine)):
-        write_frame(_url(out_url, kind, name), frame)
-    shard_signatures(kept, name, storage.join(out_url, WORK, "dedup"), dedup)
-    counts = {"shard": name, "lines": parsed.lines, "kept_after_rules": len(kept), "version": version}
-    storage.write_json(marker, counts)
-    return counts
-
-
-def _forget_downstream(out_url: str, name: str) -> None:
-    work = storage.join(out_url, WORK, "dedup")
-    stale = [storage.join(work, kind, f"{name}.parquet") for kind in ("exact", "minhash")]
-    for folder in (storage.join(work, "buckets"), storage.join(work, "clusters")):
-        fs, path = storage.fs_for(folder)
-        stale += storage.list_files(folder, "**") if fs.isdir(path) else []
-    for url in [*stale, storage.join(out_url, "code_ledger.json")]:
-        storage.remove(url, missing_ok=True)
+    frames = {"kept": kept, "removed": removed, "quarantine": quarantine}
+    return save_first_stage(work, name, frames, parsed.lines, version, dedup)
 
 
 def code_dedup_stage(out_url: str, names: list[str], dedup: DedupConfig) -> str:
-    work = storage.join(out_url, WORK, "dedup")
-    band_buckets(work, dedup, names)
-    return clusters(work, dedup)
+    """The text pipeline's buckets and clusters, over the code shards' signatures."""
+    return cluster_stage(work_dir(out_url, "code"), names, dedup)
 
 
 def _repo_documents(files: pl.DataFrame, cfg: CodeConfig) -> tuple[list[dict[str, Any]], pl.DataFrame]:
@@ -198,7 +194,7 @@ def code_finish_stage(out_url: str, names: list[str], cfg: CodeConfig) -> Ledger
     version = cfg.model_dump_json()
     if storage.exists(total_url) and storage.read_json(total_url).get("version") == version:
         return Ledger.model_validate(storage.read_json(total_url))
-    work = storage.join(out_url, WORK, "dedup")
+    work = storage.join(work_dir(out_url, "code"), "dedup")
     kept_parts, removed, counts = [], {}, {}
     for name in sorted(names):
         counts[name] = storage.read_json(_url(out_url, "counts.json", name))
