@@ -11,7 +11,8 @@ Groups, with shares of characters set in `CapabilityMixConfig.weights`:
 The size is set by the text group (all its selected documents, once), unless `total_chars` fixes it; a group
 smaller than its share repeats documents (each repeat a whole document, chosen in a fixed pseudo-random order).
 The result is a corpus like the cleaned one (``text/mix.jsonl``, ``code/mix.jsonl``) that tokenizes the same way,
-plus ``composition.json``: per group, documents, distinct documents, characters and share.
+plus ``composition.json``: per group, documents, distinct documents, characters and share. A group with no
+documents (a corpus without code) is left empty with a warning, and its share shows as 0 in the composition.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infra import storage
+from infra.settings import get_logger
 from tasks.reasoning import generate
+
+log = get_logger(__name__)
 
 GROUPS = ("text", "code", "reasoning")
 
@@ -104,8 +108,9 @@ def build_capability_mix(clean_url: str, out_url: str, cfg: CapabilityMixConfig 
     else:
         chosen["reasoning"] = []
     missing = [g for g in GROUPS if shares[g] > 0 and not chosen[g]]
-    if missing:
-        raise ValueError(f"the capability mix has no documents for group(s) {missing} under {clean_url!r}")
+    if missing:  # e.g. a text-only corpus: the mix is what exists, and says so
+        log.warning("capability mix: no documents for group(s) %s under %s; the other groups fill the mix",
+                    missing, clean_url)
     _write(storage.join(out_url, "text", "mix.jsonl"), chosen["text"] + chosen["reasoning"])
     _write(storage.join(out_url, "code", "mix.jsonl"), chosen["code"])
     chars = {g: sum(len(r["text"]) for r in docs) for g, docs in chosen.items()}

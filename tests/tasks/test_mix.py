@@ -63,6 +63,13 @@ def test_bad_mix_settings_name_themselves(clean: Path, tmp_path: Path) -> None:
         CapabilityMixConfig(weights={"poetry": 1.0})
     with pytest.raises(ValidationError, match="text_top_fraction"):
         CapabilityMixConfig(text_top_fraction=0)
-    (clean / "code" / "repos-00000.jsonl").unlink()
-    with pytest.raises(ValueError, match=r"no documents for group\(s\) \['code'\]"):
+    (clean / "text" / "a.jsonl").unlink()
+    with pytest.raises(ValueError, match="the mix size comes from the text group"):
         build_capability_mix(str(clean), str(tmp_path / "m"), CapabilityMixConfig())
+
+
+def test_a_corpus_without_code_gives_a_mix_without_code(clean: Path, tmp_path: Path) -> None:
+    (clean / "code" / "repos-00000.jsonl").unlink()
+    comp = build_capability_mix(str(clean), str(tmp_path / "m"), CapabilityMixConfig())
+    assert comp["code"]["documents"] == 0 and comp["code"]["share"] == 0
+    assert comp["text"]["share"] + comp["reasoning"]["share"] == pytest.approx(1.0)
