@@ -191,7 +191,7 @@ def _repo_documents(files: pl.DataFrame, cfg: CodeConfig) -> tuple[list[dict[str
 def code_finish_stage(out_url: str, names: list[str], cfg: CodeConfig) -> Ledger:
     """Dedup filter, quality tiers, dependency order, repository documents; the checked ledger of every shard."""
     total_url = storage.join(out_url, "code_ledger.json")
-    version = cfg.model_dump_json()
+    version = json.dumps({"shards": sorted(names), "config": cfg.model_dump()}, sort_keys=True)
     if storage.exists(total_url) and storage.read_json(total_url).get("version") == version:
         return Ledger.model_validate(storage.read_json(total_url))
     work = storage.join(work_dir(out_url, "code"), "dedup")
@@ -211,7 +211,7 @@ def code_finish_stage(out_url: str, names: list[str], cfg: CodeConfig) -> Ledger
     docs, empty = _repo_documents(files, cfg)
     for old in storage.list_files(storage.join(out_url, "code"), "repos-*.jsonl") if _exists_dir(out_url) else []:
         storage.remove(old, missing_ok=True)
-    for k in range(0, max(len(docs), 1), cfg.repos_per_shard):
+    for k in range(0, len(docs), cfg.repos_per_shard):  # no repository: no shard (an empty one would tokenize to 0)
         part = docs[k : k + cfg.repos_per_shard]
         body = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in part)
         storage.write_bytes(storage.join(out_url, "code", f"repos-{k // cfg.repos_per_shard:05d}.jsonl"),
