@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +128,22 @@ def background_prose(n: int = 400, seed: int = 0) -> list[str]:
     return [parts[i] for i in sorted(picked)]
 
 
-@functools.cache
+_TRAINING = threading.Lock()
+
+
 def adult_classifier(threshold: float = 0.5) -> TextClassifier:
     """Trained on the training part of ``adult.jsonl`` plus `background_prose` negatives; ``info["held_out"]`` has
-    precision/recall at `threshold` on the held-out quarter of ``adult.jsonl`` (hand-written texts only)."""
+    precision/recall at `threshold` on the held-out quarter of ``adult.jsonl`` (hand-written texts only).
+
+    Trained once per process. The lock matters: the finish stage runs shards on threads, and CPython 3.11's
+    `ast.parse` (used by `background_prose`) is not safe to run on two threads at once ("AST constructor recursion
+    depth mismatch")."""
+    with _TRAINING:
+        return _adult_classifier(threshold)
+
+
+@functools.cache
+def _adult_classifier(threshold: float) -> TextClassifier:
     texts, labels, kinds = labelled("adult.jsonl")
     held = split_held_out(texts, 0.25, salt="adult")
     background = background_prose()
