@@ -29,6 +29,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch.utils.data import Dataset
 
 from infra import storage
 from infra.runtime import detect_runtime
@@ -103,8 +104,11 @@ def run_phase(
     init_weights: str | None = None,
     mlflow: tuple[str, str] | None = None,
     callbacks: list[Callback] | None = None,
+    dataset: Dataset[Any] | None = None,
 ) -> PhaseResult:
     """Train one phase into ``out_url`` (resuming, or returning the stored result, as the layout above says).
+
+    ``dataset``: samples to train on instead of packing ``store_paths`` (SFT passes its `PackedChatDataset`).
 
     The phase's model is ``model_config`` with ``rope_theta = spec.rope_theta`` and ``max_seq_len`` raised to
     ``spec.seq_len`` if shorter. ``init_weights``: a previous phase's native directory or ``.ckpt`` (local path or
@@ -118,7 +122,7 @@ def run_phase(
     if stored is not None:
         log.info("phase %s already finished at %s; returning the stored result", spec.name, out_url)
         return stored
-    dataset = build_dataset(spec, store_paths, doc_ids)
+    dataset = dataset if dataset is not None else build_dataset(spec, store_paths, doc_ids)
     if init_weights is not None and not storage.exists(init_weights):
         raise ValueError(f"phase {spec.name!r}: init_weights {init_weights!r} does not exist; expected a previous "
                          "phase's final/ directory or a Lightning .ckpt")
@@ -128,7 +132,7 @@ def run_phase(
 
 
 def _train(
-    spec: PhaseSpec, config: ModelConfig, dataset: PackedDataset, ckpt_dir: Path, out_url: str,
+    spec: PhaseSpec, config: ModelConfig, dataset: Dataset[Any], ckpt_dir: Path, out_url: str,
     init_weights: str | None, mlflow: tuple[str, str] | None, callbacks: list[Callback] | None,
 ) -> PhaseResult:
     resume = _fetch_resume_checkpoint(out_url, ckpt_dir)
