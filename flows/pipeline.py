@@ -1,5 +1,5 @@
 """The whole pipeline: corpus → text and code cleaning → tokenizer → token shards → phase 1 → long-text selection
-with the phase-1 model → phase 2 → capability mix → phase 3 → HF export.
+with the phase-1 model → phase 2 → capability mix → phase 3 → SFT (from the preset's base phase) → HF export.
 
 Each phase reads its own token shards: phase 1 the whole clean corpus, phase 2 the long-text flow's corpus (long
 documents that passed its filters, the short ones, dependency-sorted repositories), phase 3 the capability mix.
@@ -19,6 +19,7 @@ from flows.data import DataParams, data_flow
 from flows.longtext import LongTextParams, longtext_flow
 from flows.params import Where, parent_run
 from flows.pretrain import PretrainParams, pretrain_flow
+from flows.sft import SFTParams, sft_flow
 from infra import storage
 from infra.tracking import tracker_for
 from model.config import get_preset
@@ -72,11 +73,16 @@ def pipeline_flow(params: PipelineParams = PipelineParams()) -> dict[str, Any]: 
         mix_tokens = reuse_if_present(tokenize_task, token_manifest_url(mix_dir))(mix, tokenizer, mix_dir, parent)
         phases += pretrain_flow(pretrain.model_copy(update={
             "phases": names[2:], "init": phases[-1]["native_url"], "phase_tokens": {names[2]: mix_tokens}}))
+        base = next(p for p in phases if p["name"] == plan.sft_base)["native_url"]
+        sft = sft_flow(SFTParams(base=base, tokenizer=tokenizer, output=storage.join(work, "sft"), corpus=corpus,
+                                 preset=params.preset, where=params.where, parent_run=parent))
         export = reuse_if_present(export_task, storage.join(hf_dir, "config.json"))
-        hf = export(phases[-1]["native_url"], tokenizer, hf_dir, parent)
-        losses = {p["name"]: p["final_loss"] for p in phases}
-        tracker_for(parent).log_metrics(parent, {f"final_loss/{k}": v for k, v in losses.items()})
-    return {"workdir": work, "mlflow_run_id": parent.run_id, "export": hf, "final_losses": losses}
+        hf = export(sft["native_url"], tokenizer, hf_dir, parent)
+        losses = {**{p["name"]: p["final_loss"] for p in phases}, "sft": sft["final_loss"]}
+        accuracy = {f"sft/{k}/accuracy": v["accuracy"] for k, v in sft["eval"].items()}
+        tracker_for(parent).log_metrics(parent, {**{f"final_loss/{k}": v for k, v in losses.items()}, **accuracy})
+    return {"workdir": work, "mlflow_run_id": parent.run_id, "export": hf, "final_losses": losses,
+            "sft_eval": {k: {m: v[m] for m in ("accuracy", "tool_calls_executed")} for k, v in sft["eval"].items()}}
 
 
 if __name__ == "__main__":

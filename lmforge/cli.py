@@ -152,6 +152,59 @@ def longtext(
     _show_result("long-text selection", longtext_flow(params))
 
 
+@app.command("sft")
+def sft(
+    base: Annotated[str, typer.Option(help="checkpoint to fine-tune (a phase's final/ directory)")],
+    tokenizer: Annotated[str, typer.Option(help="its tokenizer.json")],
+    output: Annotated[str, typer.Option("--output", help="where data, checkpoints and evaluation go")],
+    data: Annotated[str | None, typer.Option(help="folder of train.jsonl / held_out.jsonl; default: made")] = None,
+    corpus: Annotated[str | None, typer.Option(help="cleaned corpus for long-context items and search")] = None,
+    preset: PresetOpt = "tiny",
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Supervised fine-tuning in ChatML with tool use (the `sft` deployment's flow), then held-out evaluation."""
+    from flows.sft import SFTParams, sft_flow
+    from tasks.presets import pipeline_preset
+
+    _check_preset(preset, pipeline_preset)
+    params = SFTParams(base=base, tokenizer=tokenizer, output=output, data=data, corpus=corpus, preset=preset,
+                       where=_where(None, None, tracking_uri))
+    result = sft_flow(params)
+    for name, scores in result["eval"].items():
+        _show_result(f"held-out, {name.replace('_', ' ')}", {k: v for k, v in scores.items() if k != "per_kind"})
+
+
+@app.command("chat")
+def chat(
+    checkpoint: Annotated[str, typer.Argument(help="a checkpoint: lmforge dir, Lightning .ckpt or HF dir")],
+    tokenizer: Annotated[str | None, typer.Option(help="tokenizer.json (default: the checkpoint's own)")] = None,
+    tools: Annotated[bool, typer.Option(help="declare and run the interpreter and plugins")] = True,
+    corpus: Annotated[str | None, typer.Option(help="a cleaned corpus for the search plugin")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
+) -> None:
+    """Talk to a model in the terminal: tokens stream, tool calls run in the sandbox and show as tool turns."""
+    import sys
+
+    from model.checkpoint import load_model
+    from model.tokenizer import Tokenizer
+    from tasks.sft.chat import ChatSession, run_chat
+    from tasks.sft.train import corpus_docs, plugin_table
+
+    path = Path(checkpoint)
+    tok_file = Path(tokenizer) if tokenizer else (path if path.is_dir() else path.parent) / "tokenizer.json"
+    if not tok_file.is_file():
+        raise typer.BadParameter(f"no tokenizer at {tok_file}: pass --tokenizer", param_hint="--tokenizer")
+    session = ChatSession(load_model(path).eval(), Tokenizer.from_file(tok_file), plugin_table(corpus_docs(corpus)),
+                          use_tools=tools, max_new_tokens=max_new_tokens, temperature=temperature)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    run_chat(session, input, write)
+
+
 @app.command("pretrain")
 def pretrain(
     tokens: Annotated[str, typer.Option(help="token-shard manifest URL (…/tokens/manifest.json)")],

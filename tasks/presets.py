@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from model.config import ConfigError, ModelConfig, get_preset
 from tasks.longtext.filters import LongTextConfig
 from tasks.longtext.perplexity import PerplexityConfig
 from tasks.mix import CapabilityMixConfig
 from tasks.phases import PhaseMix
+from tasks.sft.generate import SFTDataConfig
+from tasks.sft.train import SFTEvalConfig
 
 
 class PhasePlan(BaseModel):
@@ -35,12 +37,29 @@ class PipelinePreset(BaseModel):
     longtext: LongTextConfig  # which documents are long, and the statistical filters for them (phase 2)
     perplexity: PerplexityConfig  # the perplexity-difference filter, scored with the phase-1 model
     capability: CapabilityMixConfig = Field(default_factory=CapabilityMixConfig)  # the phase-3 data
+    sft: dict[str, Any] = Field(default_factory=dict)  # the SFT schedule (PhaseSpec fields)
+    sft_data: SFTDataConfig = Field(default_factory=SFTDataConfig)
+    sft_eval: SFTEvalConfig = Field(default_factory=SFTEvalConfig)
+    sft_base: str = "phase2_long"  # SFT starts from this phase: the paper fine-tunes the pre-enhancement base
+
+    @model_validator(mode="after")
+    def _check_sft_base(self) -> PipelinePreset:
+        names = [p.spec["name"] for p in self.phases]
+        if self.sft_base not in names:
+            raise ValueError(f"sft_base={self.sft_base!r}: expected one of the phases {names}")
+        return self
 
     def model_config_for(self, index: int) -> ModelConfig:
         """Phase ``index``'s model: the base shape with that phase's RoPE base and the longest context so far."""
         base = get_preset(self.model)
         seq = max([base.max_seq_len, *(p.spec["seq_len"] for p in self.phases[: index + 1])])
         return base.replace(rope_theta=float(self.phases[index].spec["rope_theta"]), max_seq_len=seq)
+
+
+def _sft(seq: int, steps: int, batch: int, lr: float, every: int, precision: str = "bf16-mixed") -> dict[str, Any]:
+    return {"name": "sft", "seq_len": seq, "rope_theta": 1_000_000.0, "max_steps": steps, "batch_size": batch,
+            "accumulate": 1, "lr": lr, "warmup_steps": max(1, steps // 20), "precision": precision, "seed": 1234,
+            "checkpoint_every": every}
 
 
 def _phases(
@@ -74,23 +93,32 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
                             longtext=LongTextConfig(min_chars=2_000),
                             perplexity=PerplexityConfig(segment_tokens=64, max_pairs=2, batch_size=4),
                             phases=_phases(128, steps=(12, 4, 4), batch=(4, 1, 2), accum=(1, 1, 1), lr=3e-3,
-                                           every=4, precision="32-true", long_threshold=512)),
+                                           every=4, precision="32-true", long_threshold=512),
+                            sft=_sft(256, steps=4, batch=2, lr=1e-3, every=4, precision="32-true"),
+                            sft_data=SFTDataConfig(arithmetic=6, interpreter=6, plugin=4, python_function=3,
+                                                   multi_turn=3, refusal=2, long_context=2, long_context_chars=600),
+                            sft_eval=SFTEvalConfig(max_items=8, max_new_tokens=24, max_tool_rounds=1)),
     "tiny": PipelinePreset(model="tiny", corpus="tiny", tokenizer_sample_bytes=20_000_000,
                            longtext=LongTextConfig(min_chars=1_000),
                            perplexity=PerplexityConfig(segment_tokens=128, max_pairs=4, batch_size=8),
                            phases=_phases(256, steps=(500, 100, 150), batch=(8, 1, 6), accum=(1, 2, 1), lr=2e-3,
-                                          every=100)),
+                                          every=100),
+                           sft=_sft(512, steps=400, batch=4, lr=1e-3, every=100),
+                           sft_data=SFTDataConfig(long_context_chars=1_500),
+                           sft_eval=SFTEvalConfig(max_items=150, max_new_tokens=160, max_tool_rounds=2)),
     "small": PipelinePreset(model="small", corpus="small", tokenizer_sample_bytes=50_000_000,
                             longtext=LongTextConfig(min_chars=2_000),
                             perplexity=PerplexityConfig(segment_tokens=256, max_pairs=4, batch_size=8),
                             phases=_phases(512, steps=(3000, 400, 400), batch=(8, 1, 4), accum=(2, 2, 2),
-                                           lr=1e-3, every=250)),
+                                           lr=1e-3, every=250),
+                            sft=_sft(1024, steps=1500, batch=8, lr=5e-4, every=250)),
     **{
         name: PipelinePreset(model=name, corpus="full", tokenizer_sample_bytes=500_000_000,
                              longtext=LongTextConfig(),  # the paper's 32 KB
                              perplexity=PerplexityConfig(segment_tokens=1024, max_pairs=8, batch_size=8),
                              phases=_phases(4096, steps=(45_000, 4_500, 1_000), batch=(8, 1, 4), accum=(128, 128, 64),
-                                            lr=3e-4, every=500))
+                                            lr=3e-4, every=500),
+                             sft=_sft(32_768, steps=3_000, batch=1, lr=2e-5, every=500))
         for name in ("internlm2-1_8b", "internlm2-7b", "internlm2-20b")
     },
 }

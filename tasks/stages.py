@@ -6,6 +6,7 @@ re-run with the same parameters skips finished stages. Training stages resume fr
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -317,3 +318,67 @@ def capability_mix_task(clean_url: str, out_url: str, cfg: Any, parent: RunRef) 
         table_artifact("capability-mix", [{"group": g, **row} for g, row in composition.items()],
                        f"phase-3 capability mix at {out_url}")
     return out_url
+
+
+# ------------------------------------------------------------------------------------------- SFT
+
+
+@task(name="sft-data", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+def sft_data_task(clean_url: str | None, out_url: str, cfg: Any, parent: RunRef) -> str:
+    """Generated SFT conversations (checked answers, executed tool calls) → ``train.jsonl`` / ``held_out.jsonl``."""
+    from tasks.sft.generate import generate_sft, write_sft
+    from tasks.sft.train import corpus_docs
+
+    with stage_run(parent, "sft/data", {"corpus": str(clean_url), **cfg.model_dump()}) as (tracker, ref):
+        docs = [text for _, text in corpus_docs(clean_url)]
+        stats = write_sft(generate_sft(cfg, docs), out_url)
+        tracker.log_metrics(ref, {f"{split}/{kind}": float(n) for split, kinds in stats.items()
+                                  for kind, n in kinds.items()})
+        table_artifact("sft-data", [{"split": s, "kind": k, "items": n} for s, kinds in stats.items()
+                                    for k, n in kinds.items()], f"SFT data at {out_url}")
+    return out_url
+
+
+@task(name="sft", cache_policy=CACHE, persist_result=True, **{**IO_RETRIES, "retry_delay_seconds": 10})
+def sft_task(
+    data_url: str, base_url: str, tokenizer_url: str, out_url: str, spec: Any, eval_cfg: Any, clean_url: str | None,
+    parent: RunRef,
+) -> dict[str, Any]:
+    """Fine-tune `base_url` on the SFT data (resumable), then evaluate on the held-out split with and without tools."""
+    from model.sft import PackedChatDataset
+    from tasks.pretrain import run_phase
+    from tasks.sft.train import conversations, corpus_docs, evaluate, load_base, plugin_table, read_chats
+
+    docs = corpus_docs(clean_url)
+    tools = plugin_table(docs)
+    params = {"data": data_url, "base": base_url, "spec": spec.model_dump(), "eval": eval_cfg.model_dump()}
+    with stage_run(parent, "sft", params) as (tracker, ref):
+        train, bad = read_chats(storage.join(data_url, "train.jsonl"), sorted(tools))
+        held, bad_held = read_chats(storage.join(data_url, "held_out.jsonl"), sorted(tools))
+        storage.write_text(storage.join(out_url, "quarantine.jsonl"),
+                           "".join(json.dumps(b) + "\n" for b in [*bad, *bad_held]))
+        base, tokenizer = load_base(base_url, tokenizer_url)
+        dataset = PackedChatDataset(conversations(train, tokenizer, sorted(tools)), spec.seq_len, seed=spec.seed,
+                                    pad_id=tokenizer.eos_id)
+        tracker.log_metrics(ref, {"data/train": float(len(train)), "data/held_out": float(len(held)),
+                                  "data/quarantined": float(len(bad) + len(bad_held)),
+                                  "data/windows": float(len(dataset)), "data/truncated": float(dataset.truncated),
+                                  "data/trainable_tokens": float(dataset.trainable_tokens)})
+        result = run_phase(spec, base.config, [], None, out_url, init_weights=base_url, dataset=dataset,
+                           mlflow=(ref.tracking_uri, ref.run_id) if ref.enabled else None,
+                           callbacks=[PrefectProgress(key="sft-progress")])
+        log_loss_plot(tracker, ref, result.losses, "SFT: train loss")
+        tracker.log_metrics(ref, {"train/first_loss": result.first_loss, "train/final_loss": result.final_loss})
+        model, _ = load_base(result.native_url, tokenizer_url)
+        scores = {name: evaluate(model, tokenizer, held, with_tools=with_tools, plugin_table=tools, cfg=eval_cfg)
+                  for name, with_tools in (("with_tools", True), ("without_tools", False))}
+        flat = {f"eval/{name}/{k}": float(v) for name, s in scores.items() for k, v in s.items()
+                if isinstance(v, int | float)}
+        flat.update({f"eval/{name}/kind/{k}": float(v) for name, s in scores.items()
+                     for k, v in s["per_kind"].items()})
+        tracker.log_metrics(ref, flat)
+        storage.write_json(storage.join(out_url, "eval.json"), scores)
+        table_artifact("sft-eval", [{"setting": name, **{k: v for k, v in s.items() if k != "per_kind"}}
+                                    for name, s in scores.items()], f"SFT held-out evaluation of {out_url}")
+    return {"native_url": result.native_url, "final_loss": result.final_loss, "eval": scores,
+            "quarantined": len(bad) + len(bad_held)}

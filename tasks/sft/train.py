@@ -1,0 +1,204 @@
+"""The SFT stage (InternLM2 §4.1, §4.4): validate chat records, fine-tune a base checkpoint, evaluate with and
+without tools.
+
+- **Input**: ``{"messages": [...]}`` JSONL (`model.chat.parse_chat`'s contract). A record that breaks it goes to a
+  quarantine with its file, line, error code and detail; the rest trains.
+- **Training**: `run_phase` (the pretraining machinery: Lightning, checkpoints every N steps, exact resume, MLflow)
+  on a `PackedChatDataset` — loss on the assistant's tokens only — starting from a chosen base checkpoint. The paper
+  fine-tunes the pre-enhancement base; the pipeline passes the checkpoint it is told to.
+- **Evaluation** on the held-out split, twice: *with tools* (the system turn declares the interpreter and the
+  plugins; a tool call the model writes is executed — Python in the sandbox, plugins for real — and its result goes
+  back as an environment turn, up to `max_tool_rounds` times) and *without* (no tools declared; a call the model
+  writes anyway is not executed). Reported: the share of tool calls that are well formed and executed without
+  error, and the accuracy of the final answers (`tasks.sft.generate.check_answer`), per kind and overall.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from infra import storage
+from model.chat import (
+    Message,
+    ToolCall,
+    encode_chat,
+    generation_prompt,
+    interpreter_source,
+    parse_assistant,
+    parse_chat,
+    stop_token_ids,
+    tool_call_error,
+)
+from model.generate import SamplingConfig, generate
+from model.model import InternLM2
+from model.tokenizer import Tokenizer
+
+TOOL_KINDS = ("interpreter", "plugin")
+
+
+class SFTEvalConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_items: int = Field(200, ge=1, description="held-out conversations evaluated")
+    max_new_tokens: int = Field(160, ge=1, description="tokens generated per assistant turn")
+    max_tool_rounds: int = Field(2, ge=0, description="tool calls executed per conversation")
+    batch_size: int = Field(16, ge=1)
+
+
+def read_chats(url: str, plugins: Sequence[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(valid records, quarantine rows) of one JSONL file; a row names the file, line, error code and detail."""
+    from model.chat import BadChat
+
+    good, bad = [], []
+    for number, line in enumerate(storage.read_bytes(url).decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            parse_chat(record, plugins=plugins)
+        except json.JSONDecodeError as err:
+            bad.append({"file": url, "line": number, "error": "invalid_json", "detail": str(err)})
+        except BadChat as err:
+            bad.append({"file": url, "line": number, "error": err.code, "detail": str(err)})
+        else:
+            good.append(record)
+    return good, bad
+
+
+def conversations(records: Sequence[dict[str, Any]], tokenizer: Tokenizer, plugins: Sequence[str]) -> list[Any]:
+    """(ids, loss mask) of each record."""
+    return [encode_chat(parse_chat(r, plugins=plugins), tokenizer) for r in records]
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def _prompt_turns(record: dict[str, Any], with_tools: bool, plugins: Sequence[str]) -> list[Message]:
+    """The conversation up to its first assistant turn; the tool declarations kept only `with_tools`."""
+    messages = parse_chat(record, plugins=plugins)
+    first = next(i for i, m in enumerate(messages) if m.role == "assistant")
+    turns = messages[:first]
+    if not with_tools:
+        turns = [m for m in turns if not (m.role == "system" and m.name in TOOL_KINDS)]
+    return turns
+
+
+def _execute(call: ToolCall, plugin_table: dict[str, Any], sandbox: Any) -> tuple[str, bool]:
+    """(result text for the environment turn, whether it ran without error)."""
+    from tasks.sft.sandbox import run_python
+
+    if call.kind == "interpreter":
+        result = run_python(interpreter_source(call.code or ""), sandbox)
+        return result.text(), result.ok
+    plugin = plugin_table.get(call.name or "")
+    if plugin is None:
+        return f"unknown plugin {call.name!r}; available: {sorted(plugin_table)}", False
+    text = plugin(call.arguments or {})
+    return text, not text.lower().startswith("error")
+
+
+def evaluate(
+    model: InternLM2, tokenizer: Tokenizer, records: Sequence[dict[str, Any]], *, with_tools: bool,
+    plugin_table: dict[str, Any], cfg: SFTEvalConfig | None = None, sandbox: Any = None,
+) -> dict[str, Any]:
+    """Accuracy of final answers and tool-call health on `records` (held out), with or without tools."""
+    from tasks.sft.generate import check_answer
+
+    cfg = cfg or SFTEvalConfig()
+    plugins = sorted(plugin_table)
+    records = list(records)[: cfg.max_items]
+    chats = [_prompt_turns(r, with_tools, plugins) for r in records]
+    finals: list[str] = [""] * len(records)
+    calls, well_formed, executed = 0, 0, 0
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, stop_ids=tuple(stop_token_ids(tokenizer)))
+    active = list(range(len(records)))
+    for _ in range(cfg.max_tool_rounds + 1):
+        if not active:
+            break
+        outputs: list[str] = []
+        for start in range(0, len(active), cfg.batch_size):
+            batch = active[start : start + cfg.batch_size]
+            prompts = [generation_prompt(chats[i], tokenizer) for i in batch]
+            with torch.inference_mode():
+                ids = generate(model, prompts, sampling, pad_id=tokenizer.eos_id)
+            outputs += [tokenizer.decode(x, skip_special=False) for x in ids]
+        still = []
+        for i, text in zip(active, outputs, strict=True):
+            text = text.replace("<|im_end|>", "")
+            content, call = parse_assistant(text)
+            has_action = "<|action_start|>" in text
+            if not has_action or not with_tools:
+                finals[i] = content if call is None else text
+                continue
+            calls += 1
+            if call is None or tool_call_error(text) is not None:
+                finals[i] = content
+                continue
+            well_formed += 1
+            result, ok = _execute(call, plugin_table, sandbox)
+            executed += ok
+            chats[i] = [*chats[i], Message("assistant", content, tool_call=call),
+                        Message("environment", result, name="interpreter" if call.kind == "interpreter"
+                                else call.name)]
+            still.append(i)
+        active = still
+    correct = [check_answer(r, finals[i]) for i, r in enumerate(records)]
+    kinds = Counter(r.get("meta", {}).get("kind", "?") for r in records)
+    per_kind = {k: sum(c for c, r in zip(correct, records, strict=True) if r.get("meta", {}).get("kind", "?") == k)
+                / n for k, n in kinds.items()}
+    return {"items": len(records), "accuracy": sum(correct) / max(len(records), 1), "tool_calls": calls,
+            "tool_calls_well_formed": well_formed / calls if calls else 0.0,
+            "tool_calls_executed": executed / calls if calls else 0.0,
+            "per_kind": per_kind}
+
+
+# ------------------------------------------------------------------------------------------- the stage
+
+
+def corpus_docs(clean_url: str | None, limit: int = 2000) -> list[tuple[str, str]]:
+    """(id, text) of a cleaned corpus's text and repository documents: long-context items and the search plugin."""
+    if clean_url is None:
+        return []
+    docs: list[tuple[str, str]] = []
+    for kind in ("text", "code"):
+        folder = storage.join(clean_url, kind)
+        fs, path = storage.fs_for(folder)
+        for url in storage.list_files(folder, "*.jsonl") if fs.isdir(path) else []:
+            for line in storage.read_text(url).splitlines():
+                if line.strip() and len(docs) < limit:
+                    record = json.loads(line)
+                    docs.append((str(record.get("id")), record["text"]))
+    return docs
+
+
+def plugin_table(docs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """The plugins a model may call: calculator, unit converter, and a search over `docs` (when there are any)."""
+    from tasks.sft.plugins import PLUGINS, make_search
+
+    table = dict(PLUGINS)
+    if docs:
+        search = make_search(docs)
+        table[search.name] = search
+    return table
+
+
+def load_base(base_url: str, tokenizer_url: str) -> tuple[InternLM2, Tokenizer]:
+    """A checkpoint (any `load_model` form, local or remote directory) and its tokenizer."""
+    import tempfile
+    from pathlib import Path
+
+    from model.checkpoint import load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "ckpt"
+        storage.download_dir(base_url, str(local))
+        model = load_model(local).eval()
+        tok_path = Path(tmp) / "tokenizer.json"
+        tok_path.write_bytes(storage.read_bytes(tokenizer_url))
+        return model, Tokenizer.from_file(tok_path)
