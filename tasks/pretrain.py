@@ -335,3 +335,16 @@ def _finish(spec: PhaseSpec, module: PretrainModule, out_url: str, last: Path, s
         storage.upload_dir(str(native), final_url)
     storage.write_json(storage.join(final_url, RESULT_FILE), result.model_dump(exclude={"resumed_from_final"}))
     return result
+
+
+def load_for_inference(checkpoint_url: str, tokenizer_url: str) -> tuple[Any, Any]:
+    """A checkpoint (any `load_model` form; a local path or a remote directory URL) in eval mode, and its tokenizer."""
+    from model.tokenizer import Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "ckpt"
+        storage.download_dir(checkpoint_url, str(local))
+        model = load_model(local).eval()
+        tokenizer_file = Path(tmp) / "tokenizer.json"
+        tokenizer_file.write_bytes(storage.read_bytes(tokenizer_url))
+        return model, Tokenizer.from_file(tokenizer_file)

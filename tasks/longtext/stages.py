@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,19 +37,6 @@ def read_docs(url: str) -> pl.DataFrame:
     )
 
 
-def _load(checkpoint_url: str, tokenizer_url: str) -> tuple[Any, Any]:
-    from model.checkpoint import load_model
-    from model.tokenizer import Tokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(tmp) / "ckpt"
-        storage.download_dir(checkpoint_url, str(ckpt))
-        model = load_model(ckpt).eval()
-        tok = Path(tmp) / "tokenizer.json"
-        tok.write_bytes(storage.read_bytes(tokenizer_url))
-        return model, Tokenizer.from_file(tok)
-
-
 def longtext_stage(
     shard_url: str, name: str, out_url: str, checkpoint_url: str, tokenizer_url: str, cfg: LongTextConfig,
     ppl: PerplexityConfig,
@@ -67,7 +52,9 @@ def longtext_stage(
     docs = read_docs(shard_url)
     long_kept, long_removed, short = select_long(docs, cfg)
     if len(long_kept):
-        model, tokenizer = _load(checkpoint_url, tokenizer_url)
+        from tasks.pretrain import load_for_inference
+
+        model, tokenizer = load_for_inference(checkpoint_url, tokenizer_url)
         long_kept, no_gain = ppl_filter(long_kept, model, tokenizer, ppl)
         long_removed = pl.concat([long_removed, no_gain], how="diagonal_relaxed")
     storage.write_bytes(storage.join(out_url, "text", f"{name}.jsonl"), _records(short, long_kept))

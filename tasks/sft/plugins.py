@@ -414,18 +414,21 @@ def make_search(docs: Sequence[tuple[str, str]], name: str = "corpus_search") ->
 
 
 def corpus_docs(clean_url: str, limit: int | None = None) -> list[tuple[str, str]]:
-    """``(id, text)`` of a cleaned corpus's ``text/*.jsonl`` documents, in file order, at most `limit`."""
-    folder = storage.join(clean_url, "text")
+    """``(id, text)`` of a cleaned corpus's documents — ``text/*.jsonl``, then the repository documents of
+    ``code/*.jsonl`` — in file order, at most `limit`."""
     docs: list[tuple[str, str]] = []
-    for url in storage.list_files(folder, "*.jsonl"):
-        for line in storage.read_text(url).splitlines():
-            if line.strip():
-                record = json.loads(line)
-                docs.append((str(record["id"]), str(record["text"])))
-                if limit is not None and len(docs) >= limit:
-                    return docs
+    for kind in ("text", "code"):
+        folder = storage.join(clean_url, kind)
+        fs, path = storage.fs_for(folder)
+        for url in storage.list_files(folder, "*.jsonl") if fs.isdir(path) else []:
+            for line in storage.read_text(url).splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    docs.append((str(record["id"]), str(record["text"])))
+                    if limit is not None and len(docs) >= limit:
+                        return docs
     if not docs:
-        raise ValueError(f"no text documents under {folder!r}: expected a cleaned corpus with text/*.jsonl")
+        raise ValueError(f"no documents under {clean_url!r}: expected a cleaned corpus with text/*.jsonl")
     return docs
 
 

@@ -162,19 +162,10 @@ def evaluate(
 
 
 def corpus_docs(clean_url: str | None, limit: int = 2000) -> list[tuple[str, str]]:
-    """(id, text) of a cleaned corpus's text and repository documents: long-context items and the search plugin."""
-    if clean_url is None:
-        return []
-    docs: list[tuple[str, str]] = []
-    for kind in ("text", "code"):
-        folder = storage.join(clean_url, kind)
-        fs, path = storage.fs_for(folder)
-        for url in storage.list_files(folder, "*.jsonl") if fs.isdir(path) else []:
-            for line in storage.read_text(url).splitlines():
-                if line.strip() and len(docs) < limit:
-                    record = json.loads(line)
-                    docs.append((str(record.get("id")), record["text"]))
-    return docs
+    """(id, text) of a cleaned corpus's documents (none without a corpus): long-context items and the search plugin."""
+    from tasks.sft.plugins import corpus_docs as read_docs
+
+    return [] if clean_url is None else read_docs(clean_url, limit)
 
 
 def plugin_table(docs: Sequence[tuple[str, str]]) -> dict[str, Any]:
@@ -190,15 +181,6 @@ def plugin_table(docs: Sequence[tuple[str, str]]) -> dict[str, Any]:
 
 def load_base(base_url: str, tokenizer_url: str) -> tuple[InternLM2, Tokenizer]:
     """A checkpoint (any `load_model` form, local or remote directory) and its tokenizer."""
-    import tempfile
-    from pathlib import Path
+    from tasks.pretrain import load_for_inference
 
-    from model.checkpoint import load_model
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / "ckpt"
-        storage.download_dir(base_url, str(local))
-        model = load_model(local).eval()
-        tok_path = Path(tmp) / "tokenizer.json"
-        tok_path.write_bytes(storage.read_bytes(tokenizer_url))
-        return model, Tokenizer.from_file(tok_path)
+    return load_for_inference(base_url, tokenizer_url)

@@ -107,7 +107,7 @@ def test_corpus_search_ranks_with_bm25(tmp_path: Path) -> None:
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "s.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in docs))
     assert corpus_docs(str(tmp_path)) == docs
-    with pytest.raises(ValueError, match="no text documents"):
+    with pytest.raises(ValueError, match="no documents under"):
         corpus_docs(str(tmp_path / "missing"))
 
 
