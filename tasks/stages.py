@@ -339,7 +339,7 @@ def sft_data_task(clean_url: str | None, out_url: str, cfg: Any, parent: RunRef)
     return out_url
 
 
-@task(name="sft", cache_policy=CACHE, persist_result=True, **{**IO_RETRIES, "retry_delay_seconds": 10})
+@task(name="sft-train", cache_policy=CACHE, persist_result=True, **{**IO_RETRIES, "retry_delay_seconds": 10})
 def sft_task(
     data_url: str, base_url: str, tokenizer_url: str, out_url: str, spec: Any, eval_cfg: Any, clean_url: str | None,
     parent: RunRef,

@@ -18,11 +18,11 @@ from infra import storage
 from model.checkpoint import load_model
 
 STAGES = {"corpus", "data/text", "data/code", "tokenizer", "tokenize", "pretrain/phase1_short", "data/longtext",
-          "pretrain/phase2_long", "data/capability-mix", "pretrain/phase3_capability", "export"}
+          "pretrain/phase2_long", "data/capability-mix", "pretrain/phase3_capability", "sft/data", "sft", "export"}
 
 
 STAGE_TASKS = {"build-corpus", "train-tokenizer", "tokenize", "pretrain-phase", "export-hf", "capability-mix",
-               "longtext-shard"}
+               "longtext-shard", "sft-data", "sft-train"}
 
 
 def run_smoke(where: Where, **kw: Any) -> Any:
@@ -55,7 +55,8 @@ def test_pipeline_completes_and_learns(smoke_run: tuple[Where, Any]) -> None:
     where, state = smoke_run
     assert state.is_completed(), state.message
     result = state.result()
-    assert set(result["final_losses"]) == {"phase1_short", "phase2_long", "phase3_capability"}
+    assert set(result["final_losses"]) == {"phase1_short", "phase2_long", "phase3_capability", "sft"}
+    assert set(result["sft_eval"]) == {"with_tools", "without_tools"}
     assert all(loss < math.log(512) for loss in result["final_losses"].values())  # better than uniform
     phase1 = storage.read_json(storage.join(result["workdir"], "pretrain", "phase1_short", "final",
                                             "phase_result.json"))
@@ -84,7 +85,7 @@ def test_export_loads_in_transformers_with_our_logits(smoke_run: tuple[Where, An
     result = state.result()
     hf = transformers.AutoModelForCausalLM.from_pretrained(result["export"]).eval()
     tok = transformers.AutoTokenizer.from_pretrained(result["export"])
-    ours = load_model(Path(result["workdir"]) / "pretrain" / "phase3_capability" / "final")
+    ours = load_model(Path(result["workdir"]) / "sft" / "train" / "final")  # the chat model is what ships
     ids = tok("def main():\n    return 42", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
@@ -96,8 +97,8 @@ def test_rerun_with_same_parameters_comes_from_the_cache(smoke_run: tuple[Where,
     assert second.is_completed()
     assert second.result()["final_losses"] == first.result()["final_losses"]
     states = task_states(second.state_details.flow_run_id)
-    # corpus, tokenizer, 3 × tokenize, 3 × phase, capability mix, export, and one long-text task per clean shard
-    assert len(states) >= 11 and {s for _, s in states} == {"Cached"}, states  # data-flow tasks too (below)
+    # corpus, tokenizer, 3 × tokenize, 3 × phase, capability mix, SFT data, SFT, export, a long-text task per shard
+    assert len(states) >= 13 and {s for _, s in states} == {"Cached"}, states  # data-flow tasks too (below)
 
 
 def test_missing_outputs_are_rebuilt_not_served_from_cache(smoke_run: tuple[Where, Any]) -> None:
