@@ -80,10 +80,11 @@ def conversations(records: Sequence[dict[str, Any]], tokenizer: Tokenizer, plugi
 
 
 def _prompt_turns(record: dict[str, Any], with_tools: bool, plugins: Sequence[str]) -> list[Message]:
-    """The conversation up to its first assistant turn; the tool declarations kept only `with_tools`."""
+    """The conversation through its last user turn (earlier turns, tool results included, as given); the tool
+    declarations kept only `with_tools`. The model's reply to that turn is what `check_answer` judges."""
     messages = parse_chat(record, plugins=plugins)
-    first = next(i for i, m in enumerate(messages) if m.role == "assistant")
-    turns = messages[:first]
+    last_user = max(i for i, m in enumerate(messages) if m.role == "user")
+    turns = messages[: last_user + 1]
     if not with_tools:
         turns = [m for m in turns if not (m.role == "system" and m.name in TOOL_KINDS)]
     return turns
