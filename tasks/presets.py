@@ -103,7 +103,7 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
                            perplexity=PerplexityConfig(segment_tokens=128, max_pairs=4, batch_size=8),
                            phases=_phases(256, steps=(500, 100, 150), batch=(8, 1, 6), accum=(1, 2, 1), lr=2e-3,
                                           every=100),
-                           sft=_sft(1024, steps=400, batch=2, lr=1e-3, every=100),  # long-context items fit
+                           sft=_sft(1024, steps=800, batch=2, lr=3e-3, every=200),  # long-context items fit
                            sft_data=SFTDataConfig(long_context_chars=1_500),
                            sft_eval=SFTEvalConfig(max_items=150, max_new_tokens=160, max_tool_rounds=2)),
     "small": PipelinePreset(model="small", corpus="small", tokenizer_sample_bytes=50_000_000,
