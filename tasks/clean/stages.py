@@ -43,8 +43,8 @@ FUNNEL = (*FAMILIES, "dedup", "safety", "quality")  # stages in the order docume
 
 def raw_shards(input_url: str) -> list[tuple[str, str]]:
     """(name, url) of the raw text shards: ``text/*.jsonl`` under the input, else ``*.jsonl`` at its top."""
-    found = storage.list_files(storage.join(input_url, "text"), "*.jsonl") if _is_dir(input_url) else []
-    found = found or (storage.list_files(input_url, "*.jsonl") if _is_dir(input_url) else [])
+    found = storage.list_files(storage.join(input_url, "text"), "*.jsonl") if is_dir(input_url) else []
+    found = found or (storage.list_files(input_url, "*.jsonl") if is_dir(input_url) else [])
     if not found:
         raise ValueError(f"no JSONL shards under {input_url!r}: expected text/*.jsonl or *.jsonl there")
     names = [url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".jsonl") for url in found]
@@ -53,7 +53,7 @@ def raw_shards(input_url: str) -> list[tuple[str, str]]:
     return list(zip(names, found, strict=True))
 
 
-def _is_dir(url: str) -> bool:
+def is_dir(url: str) -> bool:
     fs, path = storage.fs_for(url)
     return bool(fs.isdir(path))
 
@@ -97,7 +97,7 @@ def forget_downstream(work: str, name: str, also: list[str]) -> None:
     dedup = storage.join(work, "dedup")
     stale = [storage.join(dedup, kind, f"{name}.parquet") for kind in ("exact", "minhash")]
     for url in [storage.join(dedup, "buckets"), storage.join(dedup, "clusters"), *also]:
-        stale += storage.list_files(url, "**") if _is_dir(url) else [url]
+        stale += storage.list_files(url, "**") if is_dir(url) else [url]
     for url in stale:
         storage.remove(url, missing_ok=True)
 
@@ -243,11 +243,3 @@ def _ndjson(df: pl.DataFrame) -> bytes:
     buf = io.BytesIO()
     df.write_ndjson(buf)
     return buf.getvalue()
-
-
-def copy_code(input_url: str, out_url: str) -> int:
-    """Code shards pass through unchanged (the code pipeline is its own stage); returns how many were copied."""
-    urls = storage.list_files(storage.join(input_url, "code"), "*.jsonl") if _is_dir(input_url) else []
-    for url in urls:
-        storage.write_bytes(storage.join(out_url, "code", url.rstrip("/").rsplit("/", 1)[-1]), storage.read_bytes(url))
-    return len(urls)

@@ -40,6 +40,7 @@ from tasks.clean.stages import (
     cluster_stage,
     fingerprint,
     forget_downstream,
+    is_dir,
     read_frame,
     rules_url,
     save_first_stage,
@@ -125,8 +126,7 @@ def code_shards(inputs: list[str]) -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
     for k, base in enumerate(inputs):
         folder = storage.join(base, "code")
-        fs, path = storage.fs_for(folder)
-        urls = storage.list_files(folder, "*.jsonl") if fs.isdir(path) else []
+        urls = storage.list_files(folder, "*.jsonl") if is_dir(folder) else []
         found += [(f"in{k}-" + u.rstrip("/").rsplit("/", 1)[-1].removesuffix(".jsonl"), u) for u in urls]
     return found
 
@@ -209,7 +209,8 @@ def code_finish_stage(out_url: str, names: list[str], cfg: CodeConfig) -> Ledger
         kept_parts.append(scored.filter(pl.col("tier") != "low"))
     files = pl.concat(kept_parts, how="diagonal_relaxed")
     docs, empty = _repo_documents(files, cfg)
-    for old in storage.list_files(storage.join(out_url, "code"), "repos-*.jsonl") if _exists_dir(out_url) else []:
+    code_dir = storage.join(out_url, "code")
+    for old in storage.list_files(code_dir, "repos-*.jsonl") if is_dir(code_dir) else []:
         storage.remove(old, missing_ok=True)
     for k in range(0, len(docs), cfg.repos_per_shard):  # no repository: no shard (an empty one would tokenize to 0)
         part = docs[k : k + cfg.repos_per_shard]
@@ -236,8 +237,3 @@ def code_finish_stage(out_url: str, names: list[str], cfg: CodeConfig) -> Ledger
     storage.write_json(total_url, {**total.model_dump(), "version": version, "repos": len(docs),
                                    "removed": total.removed, "quarantined": total.quarantined})
     return total
-
-
-def _exists_dir(out_url: str) -> bool:
-    fs, path = storage.fs_for(storage.join(out_url, "code"))
-    return bool(fs.isdir(path))

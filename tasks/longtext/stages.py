@@ -95,9 +95,10 @@ def _records(short: pl.DataFrame, long_kept: pl.DataFrame) -> bytes:
 
 def copy_code(clean_url: str, out_url: str) -> int:
     """Repository documents pass to phase 2 unchanged; returns how many shards were copied."""
+    from tasks.clean.stages import is_dir
+
     folder = storage.join(clean_url, "code")
-    fs, path = storage.fs_for(folder)
-    urls = storage.list_files(folder, "*.jsonl") if fs.isdir(path) else []
+    urls = storage.list_files(folder, "*.jsonl") if is_dir(folder) else []
     for url in urls:
         storage.write_bytes(storage.join(out_url, "code", url.rstrip("/").rsplit("/", 1)[-1]), storage.read_bytes(url))
     return len(urls)
