@@ -205,6 +205,72 @@ def chat(
     run_chat(session, input, write)
 
 
+@app.command("eval")
+def evaluate(
+    checkpoint: Annotated[str, typer.Argument(help="checkpoint to evaluate (a phase's or SFT's final/ directory)")],
+    tokenizer: Annotated[str, typer.Option(help="its tokenizer.json")],
+    output: Annotated[str, typer.Option("--output", help="where scores, summary, heatmap and OpenCompass's work go")],
+    chat: Annotated[bool, typer.Option(help="a chat model: ChatML prompts and the tool-use set")] = False,
+    data: Annotated[str | None, typer.Option(help="built eval sets (folder with manifest.json)")] = None,
+    corpus: Annotated[str | None, typer.Option(help="cleaned corpus to build the sets from (held-out text)")] = None,
+    model_run: Annotated[str | None, typer.Option(help="MLflow run id of the model (metrics go there)")] = None,
+    register_as: Annotated[str | None, typer.Option(help="registered model name; `champion` moves on improvement")]
+    = None,
+    title: Annotated[str, typer.Option(help="a label for reports")] = "model",
+    preset: PresetOpt = "tiny",
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Evaluate a checkpoint with OpenCompass on the local sets (the `evaluate` deployment's flow)."""
+    from flows.evaluate import EvaluateParams, evaluate_flow
+    from tasks.presets import pipeline_preset
+
+    _check_preset(preset, pipeline_preset)
+    if data is None and corpus is None:
+        raise typer.BadParameter("pass --data (built eval sets) or --corpus (a cleaned corpus)", param_hint="--data")
+    params = EvaluateParams(checkpoint=checkpoint, tokenizer=tokenizer, output=output, chat=chat, data=data,
+                            corpus=corpus, preset=preset, model_run=model_run, register_as=register_as, title=title,
+                            where=_where(None, None, tracking_uri))
+    result = evaluate_flow(params)
+    table = Table("metric", "score", title=f"OpenCompass: {checkpoint}")
+    for key, value in sorted(result["metrics"].items()):
+        table.add_row(key, f"{value:.2f}")
+    console.print(table)
+    if "champion" in result:
+        _show_result("registry", result["champion"])
+
+
+@app.command("compare")
+def compare(
+    runs: Annotated[list[str], typer.Argument(help="two or more MLflow run ids (or run names)")],
+    prefix: Annotated[str, typer.Option(help="compare metrics under this prefix")] = "eval/",
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Side-by-side table of runs' evaluation metrics, with deltas against the first, and the params that differ."""
+    from tasks.evaluate.compare import compare_runs
+
+    uri = _where(None, None, tracking_uri).tracking()
+    try:
+        cmp = compare_runs(uri, runs, prefix)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    table = Table("metric", *(f"{n or r[:8]}\n{r[:8]}" for n, r in zip(cmp.names, cmp.runs, strict=True)),
+                  *(f"Δ {n or r[:8]}" for n, r in zip(cmp.names[1:], cmp.runs[1:], strict=True)),
+                  title="eval comparison (Δ against the first run)")
+    for key, values, delta in cmp.metrics:
+        cells = ["–" if v is None else f"{v:.2f}" for v in values]
+        deltas = ["–" if d is None else ("[green]" if d > 0 else "[red]" if d < 0 else "") + f"{d:+.2f}"
+                  for d in delta[1:]]
+        table.add_row(key, *cells, *deltas)
+    console.print(table)
+    if cmp.params:
+        params = Table("param", *(n or r[:8] for n, r in zip(cmp.names, cmp.runs, strict=True)),
+                       title="parameters that differ")
+        for key, values in cmp.params:
+            params.add_row(key, *("–" if v is None else v[:60] for v in values))
+        console.print(params)
+
+
 @app.command("pretrain")
 def pretrain(
     tokens: Annotated[str, typer.Option(help="token-shard manifest URL (…/tokens/manifest.json)")],

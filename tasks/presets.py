@@ -19,6 +19,8 @@ from tasks.longtext.perplexity import PerplexityConfig
 from tasks.mix import CapabilityMixConfig
 from tasks.phases import PhaseMix
 from tasks.sft.generate import SFTDataConfig
+from tasks.evaluate.datasets import EvalDataConfig
+from tasks.evaluate.runner import EvalRunConfig
 from tasks.sft.train import SFTEvalConfig
 
 
@@ -41,6 +43,9 @@ class PipelinePreset(BaseModel):
     sft_data: SFTDataConfig = Field(default_factory=SFTDataConfig)
     sft_eval: SFTEvalConfig = Field(default_factory=SFTEvalConfig)
     sft_base: str = "phase2_long"  # SFT starts from this phase: the paper fine-tunes the pre-enhancement base
+    eval_data: EvalDataConfig = Field(default_factory=EvalDataConfig)  # the local OpenCompass sets
+    eval_run: EvalRunConfig = Field(default_factory=EvalRunConfig)
+    register_as: str = "lmforge-chat"  # the registered model whose `champion` alias tracks the best chat model
 
     @model_validator(mode="after")
     def _check_sft_base(self) -> PipelinePreset:
@@ -97,7 +102,11 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
                             sft=_sft(256, steps=4, batch=2, lr=1e-3, every=4, precision="32-true"),
                             sft_data=SFTDataConfig(arithmetic=6, interpreter=6, plugin=4, python_function=3,
                                                    multi_turn=3, refusal=2, long_context=2, long_context_chars=600),
-                            sft_eval=SFTEvalConfig(max_items=8, max_new_tokens=24, max_tool_rounds=1)),
+                            sft_eval=SFTEvalConfig(max_items=8, max_new_tokens=24, max_tool_rounds=1),
+                            eval_data=EvalDataConfig(cloze=6, continuation=6, math=4, code=3, tool=3,
+                                                     needle_lengths=(64, 128), needle_depths=(0.0, 1.0),
+                                                     needle_per_cell=1, holdout_share=0.05),
+                            eval_run=EvalRunConfig(max_seq_len=512, max_tool_rounds=1)),
     "tiny": PipelinePreset(model="tiny", corpus="tiny", tokenizer_sample_bytes=20_000_000,
                            longtext=LongTextConfig(min_chars=1_000),
                            perplexity=PerplexityConfig(segment_tokens=128, max_pairs=4, batch_size=8),
@@ -105,7 +114,10 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
                                           every=100),
                            sft=_sft(1024, steps=800, batch=2, lr=3e-3, every=200),  # long-context items fit
                            sft_data=SFTDataConfig(long_context_chars=1_500),
-                           sft_eval=SFTEvalConfig(max_items=150, max_new_tokens=160, max_tool_rounds=2)),
+                           sft_eval=SFTEvalConfig(max_items=150, max_new_tokens=160, max_tool_rounds=2),
+                           # phase 1 reads 256 tokens, phase 2 2,048: the needle grid spans both
+                           eval_data=EvalDataConfig(needle_lengths=(192, 512, 1024, 1792)),
+                           eval_run=EvalRunConfig(max_seq_len=2048)),
     "small": PipelinePreset(model="small", corpus="small", tokenizer_sample_bytes=50_000_000,
                             longtext=LongTextConfig(min_chars=2_000),
                             perplexity=PerplexityConfig(segment_tokens=256, max_pairs=4, batch_size=8),

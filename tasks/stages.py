@@ -70,14 +70,17 @@ def tokenizer_task(corpus_url: str, out_url: str, vocab_size: int, sample_bytes:
 
 
 @task(name="tokenize", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
-def tokenize_task(corpus_url: str, tokenizer_url: str, out_url: str, parent: RunRef) -> str:
-    """Token shards for every corpus shard; returns the manifest URL."""
+def tokenize_task(corpus_url: str, tokenizer_url: str, out_url: str, parent: RunRef, holdout: float = 0.0) -> str:
+    """Token shards for every corpus shard (less the evaluation's held-out text share); returns the manifest URL."""
     from tasks.tokenize import token_manifest_url, tokenize_corpus
 
-    with stage_run(parent, "tokenize", {"corpus": corpus_url, "tokenizer": tokenizer_url}) as (tracker, ref):
-        manifest = tokenize_corpus(corpus_url, tokenizer_url, out_url)
+    params = {"corpus": corpus_url, "tokenizer": tokenizer_url, "holdout": holdout}
+    with stage_run(parent, "tokenize", params) as (tracker, ref):
+        manifest = tokenize_corpus(corpus_url, tokenizer_url, out_url, holdout=holdout)
         per_kind = {f"tokens/{kind}": n for kind, n in manifest.tokens_per_kind.items()}
-        tracker.log_metrics(ref, {"tokens": manifest.n_tokens, "documents": manifest.n_docs, **per_kind})
+        held = sum(s.held_out for s in manifest.shards)
+        tracker.log_metrics(ref, {"tokens": manifest.n_tokens, "documents": manifest.n_docs, "held_out": held,
+                                  **per_kind})
         rows = [{"shard": s.tokens, "kind": s.kind, "documents": s.n_docs, "tokens": s.n_tokens}
                 for s in manifest.shards]
         table_artifact("token-shards", rows, f"token shards at {out_url}")
@@ -111,7 +114,7 @@ def phase_task(
         log_loss_plot(tracker, ref, result.losses, f"{spec.name}: train loss")
         table_artifact(f"pretrain-{spec.name}".replace("_", "-"), [_result_row(spec.name, result)],
                        f"pretraining phase {spec.name}")
-    return result.model_dump()
+    return {**result.model_dump(), "run_id": ref.run_id}  # the model's MLflow run: its evaluation goes there
 
 
 def _result_row(name: str, result: Any) -> dict[str, Any]:
@@ -381,4 +384,4 @@ def sft_task(
         table_artifact("sft-eval", [{"setting": name, **{k: v for k, v in s.items() if k != "per_kind"}}
                                     for name, s in scores.items()], f"SFT held-out evaluation of {out_url}")
     return {"native_url": result.native_url, "final_loss": result.final_loss, "eval": scores,
-            "quarantined": len(bad) + len(bad_held)}
+            "quarantined": len(bad) + len(bad_held), "run_id": ref.run_id}

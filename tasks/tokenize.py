@@ -48,6 +48,7 @@ class TokenShard(BaseModel):
     skipped_empty: int  # records whose text was empty or whitespace only
     sources: dict[str, int]  # documents per `source` (text) or per `repo` (code)
     repeats: dict[str, int] = {}  # document index (in this shard) → times a phase reading "all" repeats it
+    held_out: int = 0  # text documents kept out of training for evaluation (`tasks.evaluate.datasets.eval_holdout`)
 
 
 class TokenManifest(BaseModel):
@@ -193,15 +194,20 @@ def _shard_name(kind: str, url: str) -> tuple[str, str]:
     return rel, rel.removesuffix(".jsonl").replace("/", "-")
 
 
-def _tokenize_shard(tokenizer: Tokenizer, kind: str, url: str, out_dir: str) -> TokenShard:
+def _tokenize_shard(tokenizer: Tokenizer, kind: str, url: str, out_dir: str, holdout: float = 0.0) -> TokenShard:
+    from tasks.evaluate.datasets import eval_holdout
+
     texts: list[str] = []
     sources: Counter[str] = Counter()
     repeats: dict[str, int] = {}
-    skipped = 0
+    skipped = held_out = 0
     for record in read_records(url, kind):
         text = document_text(record, kind)
         if text is None:
             skipped += 1
+            continue
+        if holdout > 0 and kind == "text" and eval_holdout(str(record["id"]), holdout):
+            held_out += 1
             continue
         weight = (record.get("meta") or {}).get("weight") if isinstance(record.get("meta"), dict) else None
         if isinstance(weight, int | float) and weight > 0 and round(weight) != 1:
@@ -221,6 +227,7 @@ def _tokenize_shard(tokenizer: Tokenizer, kind: str, url: str, out_dir: str) -> 
         skipped_empty=skipped,
         sources=dict(sorted(sources.items())),
         repeats=repeats,
+        held_out=held_out,
     )
     _save_npy(storage.join(out_dir, shard.tokens), tokens)
     _save_npy(storage.join(out_dir, shard.offsets), offsets)
@@ -232,21 +239,28 @@ def token_manifest_url(out_url: str) -> str:
     return storage.join(out_url, TOKENS_DIR, MANIFEST)
 
 
-def tokenize_corpus(corpus_url: str, tokenizer_url: str, out_url: str, *, workers: int = 2) -> TokenManifest:
+def tokenize_corpus(
+    corpus_url: str, tokenizer_url: str, out_url: str, *, workers: int = 2, holdout: float = 0.0
+) -> TokenManifest:
     """Tokenize every text and code shard under ``corpus_url`` into ``<out_url>/tokens/`` (local or s3://).
+
+    ``holdout`` > 0 keeps that share of text documents (chosen by a hash of their id, so every stage that
+    tokenizes the same documents leaves out the same ones) out of the shards: the evaluation's held-out text.
 
     Shards run on ``workers`` threads (the tokenizer's batch encoding is native code that releases the GIL).
     The manifest is removed first and written last, so a run that dies half-way never looks finished.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"holdout must be a share in [0, 1), got {holdout}")
     shards = input_shards(corpus_url)
     tokenizer, sha256 = load_tokenizer(tokenizer_url)
     manifest_url = token_manifest_url(out_url)
     storage.remove(manifest_url, missing_ok=True)
     out_dir = storage.join(out_url, TOKENS_DIR)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        done = list(pool.map(lambda s: _tokenize_shard(tokenizer, s[0], s[1], out_dir), shards))
+        done = list(pool.map(lambda s: _tokenize_shard(tokenizer, s[0], s[1], out_dir, holdout), shards))
     manifest = _manifest(done, tokenizer, sha256)
     storage.write_json(manifest_url, manifest.model_dump(mode="json"))
     log.info(

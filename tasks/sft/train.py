@@ -104,6 +104,14 @@ def _execute(call: ToolCall, plugin_table: dict[str, Any], sandbox: Any) -> tupl
     return text, not text.lower().startswith("error")
 
 
+def tool_round(content: str, call: ToolCall, plugin_table: dict[str, Any], sandbox: Any) -> tuple[list[Message], bool]:
+    """Run `call`: the assistant turn that made it and the environment turn with its result, and whether it ran
+    without error. Shared with `tasks.evaluate.oc_model`, so both evaluations feed results back the same way."""
+    result, ok = _execute(call, plugin_table, sandbox)
+    answering = "interpreter" if call.kind == "interpreter" else call.name
+    return [Message("assistant", content, tool_call=call), Message("environment", result, name=answering)], ok
+
+
 def evaluate(
     model: InternLM2, tokenizer: Tokenizer, records: Sequence[dict[str, Any]], *, with_tools: bool,
     plugin_table: dict[str, Any], cfg: SFTEvalConfig | None = None, sandbox: Any = None,
@@ -142,11 +150,9 @@ def evaluate(
                 finals[i] = content
                 continue
             well_formed += 1
-            result, ok = _execute(call, plugin_table, sandbox)
+            turns, ok = tool_round(content, call, plugin_table, sandbox)
             executed += ok
-            chats[i] = [*chats[i], Message("assistant", content, tool_call=call),
-                        Message("environment", result, name="interpreter" if call.kind == "interpreter"
-                                else call.name)]
+            chats[i] = [*chats[i], *turns]
             still.append(i)
         active = still
     correct = [check_answer(r, finals[i]) for i, r in enumerate(records)]
