@@ -31,6 +31,7 @@ class EvaluateParams(BaseModel):
     preset: str = Field("tiny", description="pipeline preset whose eval-set sizes and settings to use")
     model_run: str | None = Field(None, description="MLflow run id of the evaluated model (its metrics go there)")
     register_as: str | None = Field(None, description="registered model name for a chat model (e.g. lmforge-chat)")
+    model_class: str | None = Field(None, description="OpenCompass model type (dotted path) instead of ours")
     title: str = Field("model", description="a short label for reports and the MLflow child run")
     where: Where = Field(default_factory=Where)
     parent_run: RunRef | None = Field(None, description="MLflow parent run (set by the pipeline flow)")
@@ -50,8 +51,13 @@ def evaluate_flow(params: EvaluateParams) -> dict[str, Any]:
             make = reuse_if_present(eval_data_task, storage.join(data, "manifest.json"))
             data = make(params.corpus, data, plan.eval_data, parent, params.sft_train)
         model_run = RunRef(parent.tracking_uri, params.model_run) if params.model_run else None
-        result = evaluate_task(params.checkpoint, params.tokenizer, data, storage.join(params.output, params.title),
-                               params.chat, plan.eval_run, parent, model_run, params.corpus, params.title)
+        run_cfg = plan.eval_run
+        if params.model_class:
+            run_cfg = run_cfg.model_copy(update={"model_class": params.model_class})
+        out = storage.join(params.output, params.title)
+        evaluate = reuse_if_present(evaluate_task, storage.join(out, "scores.json"))
+        result = evaluate(params.checkpoint, params.tokenizer, data, out, params.chat, run_cfg, parent, model_run,
+                          params.corpus, params.title)
         if params.chat and params.register_as and parent.enabled:
             result["champion"] = champion_task(parent.tracking_uri, params.register_as, params.checkpoint,
                                                result["mlflow_run"], result["metrics"]["eval/average"])

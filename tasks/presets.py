@@ -14,13 +14,13 @@ from typing import Any
 from pydantic import BaseModel, Field, model_validator
 
 from model.config import ConfigError, ModelConfig, get_preset
+from tasks.evaluate.datasets import EvalDataConfig
+from tasks.evaluate.runner import EvalRunConfig
 from tasks.longtext.filters import LongTextConfig
 from tasks.longtext.perplexity import PerplexityConfig
 from tasks.mix import CapabilityMixConfig
 from tasks.phases import PhaseMix
 from tasks.sft.generate import SFTDataConfig
-from tasks.evaluate.datasets import EvalDataConfig
-from tasks.evaluate.runner import EvalRunConfig
 from tasks.sft.train import SFTEvalConfig
 
 
@@ -112,9 +112,11 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
                            perplexity=PerplexityConfig(segment_tokens=128, max_pairs=4, batch_size=8),
                            phases=_phases(256, steps=(500, 100, 150), batch=(8, 1, 6), accum=(1, 2, 1), lr=2e-3,
                                           every=100),
-                           sft=_sft(1024, steps=800, batch=2, lr=3e-3, every=200),  # long-context items fit
-                           sft_data=SFTDataConfig(long_context_chars=1_500),
-                           sft_eval=SFTEvalConfig(max_items=150, max_new_tokens=160, max_tool_rounds=2),
+                           # 1,200 steps on 5× the default tool episodes: with 800 steps on the default mix the
+                           # model memorised the few hundred tool items and 12 % of its calls failed to run
+                           sft=_sft(1024, steps=1200, batch=2, lr=3e-3, every=200),  # long-context items fit
+                           sft_data=SFTDataConfig(interpreter=1500, plugin=800, long_context_chars=1_500),
+                           sft_eval=SFTEvalConfig(max_items=240, max_new_tokens=160, max_tool_rounds=2),
                            # phase 1 reads 256 tokens, phase 2 2,048: the needle grid spans both
                            eval_data=EvalDataConfig(needle_lengths=(192, 512, 1024, 1792)),
                            eval_run=EvalRunConfig(max_seq_len=2048)),

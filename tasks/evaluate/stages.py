@@ -4,7 +4,7 @@
   tokenization left out) plus a contamination check of every item against what trains (the rest of the cleaned
   text and code, and the SFT training chats when given). Counts go to MLflow (``contamination/<set>``) and
   ``contamination.json``.
-- ``evaluate``: real OpenCompass over the sets a checkpoint gets (`tasks.evaluate.runner`); every number is logged
+- ``opencompass``: real OpenCompass over the sets a checkpoint gets (`tasks.evaluate.runner`); every number is logged
   on the evaluated model's own MLflow run when the caller names it (the phase's or SFT's child run), else on this
   stage's run; the summary CSV, scores JSON and the needle heatmap become artifacts and files under the output;
   a Prefect markdown artifact shows the table. Retries resume OpenCompass's run (same run id).
@@ -138,7 +138,7 @@ def evaluate_checkpoint(
     return result
 
 
-@task(name="evaluate", cache_policy=CACHE, persist_result=True, retries=1, retry_delay_seconds=5)
+@task(name="opencompass", cache_policy=CACHE, persist_result=True, retries=1, retry_delay_seconds=5)
 def evaluate_task(
     checkpoint: str, tokenizer: str, data_url: str, out_url: str, chat: bool, run_cfg: Any, parent: RunRef,
     model_run: RunRef | None = None, corpus: str | None = None, title: str = "",
@@ -204,6 +204,7 @@ def promote_champion(tracking_uri: str, model_name: str, checkpoint: str, run_id
             "champion": int(version.version) if promoted else int(current.version), "previous_score": best}
 
 
-@task(name="champion", retries=2, retry_delay_seconds=5)
+@task(name="champion", cache_policy=CACHE, persist_result=True, retries=2, retry_delay_seconds=5)
 def champion_task(tracking_uri: str, model_name: str, checkpoint: str, run_id: str, score: float) -> dict[str, Any]:
+    """Register the evaluated chat model; cached on its inputs, so re-running a finished pipeline adds no version."""
     return promote_champion(tracking_uri, model_name, checkpoint, run_id, score)

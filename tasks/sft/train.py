@@ -112,6 +112,16 @@ def tool_round(content: str, call: ToolCall, plugin_table: dict[str, Any], sandb
     return [Message("assistant", content, tool_call=call), Message("environment", result, name=answering)], ok
 
 
+def interleave_kinds(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records round-robin over their kinds (each kind in its own order), so a cut at any length keeps every kind
+    represented: held-out files are written kind by kind."""
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        by_kind.setdefault(str((record.get("meta") or {}).get("kind", "?")), []).append(record)
+    queues = list(by_kind.values())
+    return [q[i] for i in range(max((len(q) for q in queues), default=0)) for q in queues if i < len(q)]
+
+
 def evaluate(
     model: InternLM2, tokenizer: Tokenizer, records: Sequence[dict[str, Any]], *, with_tools: bool,
     plugin_table: dict[str, Any], cfg: SFTEvalConfig | None = None, sandbox: Any = None,
@@ -121,7 +131,7 @@ def evaluate(
 
     cfg = cfg or SFTEvalConfig()
     plugins = sorted(plugin_table)
-    records = list(records)[: cfg.max_items]
+    records = interleave_kinds(records)[: cfg.max_items]
     chats = [_prompt_turns(r, with_tools, plugins) for r in records]
     finals: list[str] = [""] * len(records)
     calls, well_formed, executed = 0, 0, 0

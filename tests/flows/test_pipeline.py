@@ -18,11 +18,12 @@ from infra import storage
 from model.checkpoint import load_model
 
 STAGES = {"corpus", "data/text", "data/code", "tokenizer", "tokenize", "pretrain/phase1_short", "data/longtext",
-          "pretrain/phase2_long", "data/capability-mix", "pretrain/phase3_capability", "sft/data", "sft", "export"}
+          "pretrain/phase2_long", "data/capability-mix", "pretrain/phase3_capability", "sft/data", "sft", "export",
+          "eval/data", "eval/phase1_short", "eval/phase2_long", "eval/phase3_capability", "eval/sft"}
 
 
 STAGE_TASKS = {"build-corpus", "train-tokenizer", "tokenize", "pretrain-phase", "export-hf", "capability-mix",
-               "longtext-shard", "sft-data", "sft-train"}
+               "longtext-shard", "sft-data", "sft-train", "eval-data", "opencompass", "champion"}
 
 
 def run_smoke(where: Where, **kw: Any) -> Any:
@@ -57,6 +58,9 @@ def test_pipeline_completes_and_learns(smoke_run: tuple[Where, Any]) -> None:
     result = state.result()
     assert set(result["final_losses"]) == {"phase1_short", "phase2_long", "phase3_capability", "sft"}
     assert set(result["sft_eval"]) == {"with_tools", "without_tools"}
+    assert set(result["eval"]) == {"phase1_short", "phase2_long", "phase3_capability", "sft"}
+    assert all(0.0 <= v <= 100.0 for v in result["eval"].values())
+    assert result["champion"]["promoted"] and result["champion"]["version"] == 1
     assert all(loss < math.log(512) for loss in result["final_losses"].values())  # better than uniform
     phase1 = storage.read_json(storage.join(result["workdir"], "pretrain", "phase1_short", "final",
                                             "phase_result.json"))
@@ -75,9 +79,17 @@ def test_mlflow_parent_run_with_one_child_per_stage(smoke_run: tuple[Where, Any]
     phase1 = next(c for c in children if c.data.tags["lmforge.stage"] == "pretrain/phase1_short")
     history = client.get_metric_history(phase1.info.run_id, "train/loss")
     assert len(history) == 12 and history[-1].value < history[0].value
-    assert "mix/long_token_share" in next(c for c in children if "phase2" in c.data.tags["lmforge.stage"]).data.metrics
+    assert "mix/long_token_share" in next(c for c in children
+                                           if c.data.tags["lmforge.stage"] == "pretrain/phase2_long").data.metrics
     mix = next(c for c in children if c.data.tags["lmforge.stage"] == "data/capability-mix").data.metrics
     assert mix["reasoning/documents"] > 0 and mix["code/high_tier_documents"] > 0
+    # each checkpoint's OpenCompass scores sit on the run that trained it; the SFT model is the registry's champion
+    assert "eval/knowledge/knowledge_cloze" in phase1.data.metrics and "eval/average" in phase1.data.metrics
+    sft = next(c for c in children if c.data.tags["lmforge.stage"] == "sft")
+    assert "eval/tool_use/tool_math" in sft.data.metrics
+    assert "eval/tool_use/tool_math" not in phase1.data.metrics  # base models do not get the tool-use set
+    champion = client.get_model_version_by_alias("lmforge-chat", "champion")
+    assert champion.run_id == sft.info.run_id and champion.source.endswith("sft/train/final")
 
 
 def test_export_loads_in_transformers_with_our_logits(smoke_run: tuple[Where, Any]) -> None:
@@ -97,8 +109,9 @@ def test_rerun_with_same_parameters_comes_from_the_cache(smoke_run: tuple[Where,
     assert second.is_completed()
     assert second.result()["final_losses"] == first.result()["final_losses"]
     states = task_states(second.state_details.flow_run_id)
-    # corpus, tokenizer, 3 × tokenize, 3 × phase, capability mix, SFT data, SFT, export, a long-text task per shard
-    assert len(states) >= 13 and {s for _, s in states} == {"Cached"}, states  # data-flow tasks too (below)
+    # corpus, tokenizer, 3 × tokenize, 3 × phase, capability mix, SFT data, SFT, export, a long-text task per shard,
+    # eval data, 4 × evaluate, champion
+    assert len(states) >= 19 and {s for _, s in states} == {"Cached"}, states  # data-flow tasks too (below)
 
 
 def test_missing_outputs_are_rebuilt_not_served_from_cache(smoke_run: tuple[Where, Any]) -> None:
