@@ -32,6 +32,7 @@ class EvaluateParams(BaseModel):
     model_run: str | None = Field(None, description="MLflow run id of the evaluated model (its metrics go there)")
     register_as: str | None = Field(None, description="registered model name for a chat model (e.g. lmforge-chat)")
     model_class: str | None = Field(None, description="OpenCompass model type (dotted path) instead of ours")
+    model_args: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the model")
     title: str = Field("model", description="a short label for reports and the MLflow child run")
     where: Where = Field(default_factory=Where)
     parent_run: RunRef | None = Field(None, description="MLflow parent run (set by the pipeline flow)")
@@ -54,6 +55,9 @@ def evaluate_flow(params: EvaluateParams) -> dict[str, Any]:
         run_cfg = plan.eval_run
         if params.model_class:
             run_cfg = run_cfg.model_copy(update={"model_class": params.model_class})
+        if params.model_args:
+            run_cfg = run_cfg.model_copy(update={"extra_model_args": {**run_cfg.extra_model_args,
+                                                                      **params.model_args}})
         out = storage.join(params.output, params.title)
         evaluate = reuse_if_present(evaluate_task, storage.join(out, "scores.json"))
         result = evaluate(params.checkpoint, params.tokenizer, data, out, params.chat, run_cfg, parent, model_run,
