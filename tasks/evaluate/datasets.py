@@ -53,7 +53,6 @@ import random
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Any, NamedTuple
 
@@ -63,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from infra import storage
 from infra.settings import get_logger
-from tasks.sft.generate import _code_task, _function_task, _FunctionTask, _problem, _take, _unique
+from tasks.sft.generate import _checked, _code_task, _function_task, _FunctionTask, _problem, _take, _unique
 from tasks.sft.sandbox import run_python
 
 log = get_logger(__name__)
@@ -345,20 +344,13 @@ def _passes(task: _FunctionTask) -> bool:
 
 def _code(n: int, rng: random.Random) -> list[dict[str, Any]]:
     """Function tasks whose reference solution passes its hidden tests, in draw order; failures are replaced by
-    fresh draws, but only max(20, n) of them (a sandbox that fails every run must not loop forever)."""
-    source = _unique(_function_task, rng, lambda t: t.group)
-    tasks: list[_FunctionTask] = []
-    failed = 0
-    with ThreadPoolExecutor(max_workers=SANDBOX_WORKERS) as pool:
-        while len(tasks) < n and failed <= max(20, n):
-            batch = _take(source, n - len(tasks))
-            if not batch:
-                break
-            results = list(pool.map(_passes, batch))
-            tasks += [task for task, ok in zip(batch, results, strict=True) if ok]
-            failed += results.count(False)
-    if failed:
-        log.warning("eval data: %d code_functions candidates failed their own tests in the sandbox", failed)
+    fresh draws (`tasks.sft.generate._checked`: it gives up after max(20, n), so a broken sandbox cannot loop)."""
+    dropped: Counter[str] = Counter()
+    tasks = _checked(_unique(_function_task, rng, lambda t: t.group), n,
+                     lambda t: t if _passes(t) else "fails_own_tests", SANDBOX_WORKERS, dropped, "code_functions")
+    if dropped:
+        log.warning("eval data: %d code_functions candidates failed their own tests in the sandbox",
+                    sum(dropped.values()))
     return [{"question": t.prompt, "entry": t.function, "tests": t.tests(), "expect": t.passed(),
              "solution": t.solution, "family": t.family, "group": t.group} for t in tasks]
 
