@@ -33,7 +33,7 @@ def sft_flow(params: SFTParams) -> dict[str, Any]:
     with parent_run(params.where, f"sft-{params.preset}", {"base": params.base}, params.parent_run) as parent:
         data_dir = storage.join(params.output, "data")
         make = reuse_if_present(sft_data_task, storage.join(data_dir, "stats.json"))
-        data = params.data or make(params.corpus, data_dir, plan.sft_data, parent)
+        data = params.data or make(params.corpus, data_dir, plan.sft_data, parent, plan.eval_data.holdout_share)
         train = reuse_if_present(sft_task, storage.join(params.output, "train", "eval.json"))
         return train(data, params.base, params.tokenizer, storage.join(params.output, "train"),
                      PhaseSpec(**plan.sft), plan.sft_eval, params.corpus, parent)

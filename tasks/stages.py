@@ -327,13 +327,15 @@ def capability_mix_task(clean_url: str, out_url: str, cfg: Any, parent: RunRef) 
 
 
 @task(name="sft-data", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
-def sft_data_task(clean_url: str | None, out_url: str, cfg: Any, parent: RunRef) -> str:
-    """Generated SFT conversations (checked answers, executed tool calls) → ``train.jsonl`` / ``held_out.jsonl``."""
+def sft_data_task(clean_url: str | None, out_url: str, cfg: Any, parent: RunRef, holdout: float = 0.0) -> str:
+    """Generated SFT conversations (checked answers, executed tool calls) → ``train.jsonl`` / ``held_out.jsonl``;
+    long-context items leave out the evaluation's held-out documents (`holdout`, as tokenization does)."""
+    from tasks.evaluate.datasets import eval_holdout
     from tasks.sft.generate import generate_sft, write_sft
     from tasks.sft.train import corpus_docs
 
     with stage_run(parent, "sft/data", {"corpus": str(clean_url), **cfg.model_dump()}) as (tracker, ref):
-        docs = [text for _, text in corpus_docs(clean_url)]
+        docs = [text for doc_id, text in corpus_docs(clean_url) if not eval_holdout(doc_id, holdout)]
         stats = write_sft(generate_sft(cfg, docs), out_url)
         tracker.log_metrics(ref, {f"{split}/{kind}": float(n) for split, kinds in stats.items()
                                   for kind, n in kinds.items()})

@@ -121,3 +121,12 @@ def test_compare_prints_the_differences(tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "nope" in missing.output
     with pytest.raises(ValueError, match="at least two"):
         compare_runs(uri, [a])
+
+
+def test_eval_command_names_a_missing_input(tmp_path: Path) -> None:
+    out = CliRunner().invoke(app, ["eval", str(tmp_path / "ckpt"), "--tokenizer", "t.json", "--output",
+                                   str(tmp_path / "o")], terminal_width=200)
+    assert out.exit_code == 2 and "--data" in out.output and "--corpus" in out.output
+    bad = CliRunner().invoke(app, ["eval", "ckpt", "--tokenizer", "t.json", "--output", "o", "--data", "d",
+                                   "--preset", "huge"], terminal_width=200)
+    assert bad.exit_code != 0 and "huge" in bad.output
