@@ -74,6 +74,7 @@ DATASETS: dict[str, tuple[str, str]] = {  # name -> (group, kind), in GROUPS ord
     "math_word": ("reasoning", "gen"),
     "code_functions": ("coding", "gen"),
     "needle": ("long_context", "gen"),
+    "needle_choice": ("long_context", "ppl"),
     "tool_math": ("tool_use", "gen"),
 }
 LETTERS = "ABCD"
@@ -124,7 +125,7 @@ class EvalDataConfig(BaseModel):
     def counts(self) -> dict[str, int]:
         cells = len(self.needle_lengths) * len(self.needle_depths) * self.needle_per_cell
         return {"knowledge_cloze": self.cloze, "language_continuation": self.continuation, "math_word": self.math,
-                "code_functions": self.code, "needle": cells, "tool_math": self.tool}
+                "code_functions": self.code, "needle": cells, "needle_choice": cells, "tool_math": self.tool}
 
 
 @dataclass(frozen=True)
@@ -440,12 +441,34 @@ def _needle(docs: Sequence[tuple[str, str]], cfg: EvalDataConfig, chars_per_toke
             for length, depth in cells for k in range(cfg.needle_per_cell)]
 
 
+def _needle_choice(needles: Sequence[dict[str, Any]], rng: random.Random) -> list[dict[str, Any]]:
+    """The same haystacks as multiple choice scored by perplexity: after the context, "The secret passphrase for
+    <name> is" and four five-digit numbers, one the planted one. A base model too small to *generate* the digits
+    can still prefer the number it has seen in its context, which is what a long-context phase should improve."""
+    rows = []
+    for row in needles:
+        used = {row["answer"]}
+        options = [row["answer"]]
+        while len(options) < 4:
+            number = str(rng.randint(10000, 99999))
+            if number not in used and number not in row["context"]:
+                used.add(number)
+                options.append(number)
+        rng.shuffle(options)
+        name = row["question"].split(" for ", 1)[1].split("?", 1)[0]
+        rows.append({"id": row["id"].replace("needle-", "needle_choice-", 1),
+                     "prompt": f"{row['context']}\n\nThe secret passphrase for {name} is",
+                     **dict(zip(LETTERS, options, strict=True)), "answer": LETTERS[options.index(row["answer"])],
+                     "length": row["length"], "depth": row["depth"]})
+    return rows
+
+
 # ------------------------------------------------------------------------------------------- assembly
 
 
 def build_eval_sets(docs: Sequence[tuple[str, str]], cfg: EvalDataConfig, *, chars_per_token: float = 4.0,
                     haystack_docs: Sequence[tuple[str, str]] | None = None) -> list[EvalSet]:
-    """The six sets (in `DATASETS` order), deterministic for `cfg.seed` and the documents.
+    """The seven sets (in `DATASETS` order), deterministic for `cfg.seed` and the documents.
 
     `docs` are (doc_id, text) pairs of clean documents held out of training; `haystack_docs` (any documents, held
     out or not) fill the needle haystacks, `docs` when None. `chars_per_token` turns needle lengths in tokens into
@@ -465,12 +488,13 @@ def build_eval_sets(docs: Sequence[tuple[str, str]], cfg: EvalDataConfig, *, cha
         "needle": _needle(hay, cfg, chars_per_token, streams["needle"]),
         "tool_math": _tool(cfg.tool, streams["tool_math"]),
     }
+    made["needle_choice"] = _needle_choice(made["needle"], streams["needle_choice"])
     grid = {"lengths": list(cfg.needle_lengths), "depths": list(cfg.needle_depths), "per_cell": cfg.needle_per_cell,
             "chars_per_token": chars_per_token}
     sets = []
     for name, (group, kind) in DATASETS.items():
         rows = [row if "id" in row else {"id": f"{name}-{i:05d}", **row} for i, row in enumerate(made[name])]
-        meta = {"asked": asked[name], **({"grid": grid} if name == "needle" else {})}
+        meta = {"asked": asked[name], **({"grid": grid} if name in ("needle", "needle_choice") else {})}
         sets.append(EvalSet(name, group, kind, rows, meta))
         if len(rows) < asked[name]:
             log.warning("eval data: %s has %d of %d items (%d documents, %d haystack documents)", name, len(rows),
@@ -522,6 +546,7 @@ _CONTENT: dict[str, Callable[[dict[str, Any]], list[str]]] = {  # what training 
     "math_word": lambda r: [r["question"], r["answer"]],
     "code_functions": lambda r: [r["question"], r["solution"]],
     "needle": lambda r: [r["question"], r["needle"]],  # the haystack is ordinary text, training on it is fine
+    "needle_choice": lambda r: [f"{r['prompt'].rsplit(chr(10), 1)[-1]} {r[r['answer']]}."],  # the needle sentence
     "tool_math": lambda r: [r["question"], r["answer"]],
 }
 

@@ -98,14 +98,18 @@ class CodeEvaluator(BaseEvaluator):
 
 
 class NeedleEvaluator(BaseEvaluator):
-    """The first number in the reply must be the passphrase; accuracy overall and per length × depth cell."""
+    """The first number in the reply must be the passphrase (generation), or the chosen option must be the planted
+    number (``needle_choice``, by perplexity); accuracy overall and per length × depth cell."""
 
     def score(self, predictions: list[str], references: list[str], test_set: Any) -> dict[str, Any]:
         cells: dict[str, list[bool]] = defaultdict(list)
         details = []
         for prediction, answer, row in zip(predictions, references, test_set, strict=True):
-            found = re.findall(r"\d+", prediction)
-            correct = bool(found) and found[0] == str(answer)
+            if str(answer) in LETTERS:  # the multiple-choice variant: OpenCompass predicts the option's letter
+                correct = str(prediction).strip() == str(answer)
+            else:
+                found = re.findall(r"\d+", prediction)
+                correct = bool(found) and found[0] == str(answer)
             cells[needle_cell(row["length"], row["depth"])].append(correct)
             details.append({"pred": prediction, "answer": answer, "correct": correct})
         out: dict[str, Any] = {"accuracy": 100.0 * float(np.mean([d["correct"] for d in details]))}

@@ -39,7 +39,8 @@ def needle_cell(length: int, depth: float) -> str:
 
 
 PRIMARY_METRIC = {"knowledge_cloze": "accuracy", "language_continuation": "accuracy", "math_word": "accuracy",
-                  "code_functions": "pass@1", "needle": "accuracy", "tool_math": "accuracy"}
+                  "code_functions": "pass@1", "needle": "accuracy", "needle_choice": "accuracy",
+                  "tool_math": "accuracy"}
 MAX_OUT = {"math_word": 96, "code_functions": 160, "needle": 12, "tool_math": 96}
 
 
@@ -86,6 +87,10 @@ def dataset_config(name: str, path: str, chat: bool) -> dict[str, Any]:
         reader = {"input_columns": ["context", "question"], "output_column": "answer"}
         prompt = "{context}\n\n{question}" if chat else "{context}\n\nQuestion: {question}\nAnswer:"
         infer = _gen(_template([{"role": human, "prompt": prompt}]), MAX_OUT[name])
+        evaluator = {"type": f"{_PKG}.NeedleEvaluator"}
+    elif name == "needle_choice":
+        reader = {"input_columns": ["prompt", *LETTERS], "output_column": "answer"}
+        infer = _ppl({k: f"{{prompt}} {{{k}}}." for k in LETTERS})
         evaluator = {"type": f"{_PKG}.NeedleEvaluator"}
     else:
         raise ValueError(f"eval set {name!r}: expected one of {sorted(PRIMARY_METRIC)}")

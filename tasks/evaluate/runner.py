@@ -36,8 +36,9 @@ from tasks.evaluate.oc_config import PRIMARY_METRIC, needle_cell, opencompass_co
 log = get_logger(__name__)
 
 GROUP_OF = {"knowledge_cloze": "knowledge", "language_continuation": "language", "math_word": "reasoning",
-            "code_functions": "coding", "needle": "long_context", "tool_math": "tool_use"}
-BASE_SETS = ("knowledge_cloze", "language_continuation", "math_word", "code_functions", "needle")
+            "code_functions": "coding", "needle": "long_context", "needle_choice": "long_context",
+            "tool_math": "tool_use"}
+BASE_SETS = ("knowledge_cloze", "language_continuation", "math_word", "code_functions", "needle", "needle_choice")
 CHAT_SETS = (*BASE_SETS, "tool_math")
 MODEL_ABBR = "lmforge"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",

@@ -127,13 +127,16 @@ def evaluate_checkpoint(
     result: dict[str, Any] = {"checkpoint": checkpoint, "chat": chat, "opencompass_run": oc_run,
                               "metrics": metrics, "summary": summary, "title": title}
     storage.write_bytes(storage.join(out_url, "summary.csv"), summary_csv.read_bytes())
-    if "needle" in summary:
-        grid_spec = by_name["needle"].get("grid") or {}
+    for name in ("needle", "needle_choice"):
+        if name not in summary:
+            continue
+        grid_spec = by_name[name].get("grid") or {}
         lengths, depths = grid_spec.get("lengths", []), grid_spec.get("depths", [])
-        grid = needle_grid(summary["needle"], lengths, depths)
-        png = needle_heatmap(grid, lengths, depths, work / "needle.png", f"needle in a haystack: {title}")
-        storage.write_bytes(storage.join(out_url, "needle.png"), png.read_bytes())
-        result["needle"] = {"lengths": lengths, "depths": depths, "grid": grid}
+        grid = needle_grid(summary[name], lengths, depths)
+        how = "generated answer" if name == "needle" else "choice by perplexity"
+        png = needle_heatmap(grid, lengths, depths, work / f"{name}.png", f"needle ({how}): {title}")
+        storage.write_bytes(storage.join(out_url, f"{name}.png"), png.read_bytes())
+        result[name] = {"lengths": lengths, "depths": depths, "grid": grid}
     storage.write_json(storage.join(out_url, "scores.json"), result)
     return result
 
@@ -158,7 +161,7 @@ def evaluate_task(
         if target is not ref:
             tracker.log_metrics(ref, result["metrics"])
         with tempfile.TemporaryDirectory() as tmp:
-            for name in ("summary.csv", "scores.json", "needle.png"):
+            for name in ("summary.csv", "scores.json", "needle.png", "needle_choice.png"):
                 url = storage.join(out_url, name)
                 if storage.exists(url):
                     local = Path(tmp) / name

@@ -37,6 +37,7 @@ FIELDS = {
     "math_word": {"id", "question", "answer", "family", "numbers", "group"},
     "code_functions": {"id", "question", "entry", "tests", "expect", "solution", "family", "group"},
     "needle": {"id", "context", "question", "answer", "length", "depth", "needle", "position"},
+    "needle_choice": {"id", "prompt", "A", "B", "C", "D", "answer", "length", "depth"},
     "tool_math": {"id", "question", "answer", "family", "group"},
 }
 
@@ -69,7 +70,7 @@ def test_build_is_deterministic_and_ignores_document_order(docs: list[tuple[str,
 
 def test_sets_have_their_groups_fields_and_counts(sets: dict[str, EvalSet]) -> None:
     assert list(sets) == list(DATASETS)
-    assert [DATASETS[name][0] for name in sets] == list(GROUPS)
+    assert [DATASETS[name][0] for name in sets if name != "needle_choice"] == list(GROUPS)
     for name, s in sets.items():
         assert (s.group, s.kind) == DATASETS[name]
         assert len(s.rows) == s.meta["asked"] == SMALL.counts()[name], name
@@ -103,6 +104,15 @@ def test_continuation_true_option_continues_the_context(sets: dict[str, EvalSet]
         assert len(lengths) == 1 and 8 <= lengths.pop() <= 15
         assert len({row[letter] for letter in LETTERS}) == 4
         assert all(f"{row['context']} {row[x]}" not in doc for x in set(LETTERS) - {row["answer"]})
+
+
+def test_needle_choice_asks_for_the_planted_number_among_fresh_ones(sets: dict[str, EvalSet]) -> None:
+    for needle, row in zip(sets["needle"].rows, sets["needle_choice"].rows, strict=True):
+        assert row["prompt"].startswith(needle["context"]) and row["prompt"].endswith(" is")
+        assert row[row["answer"]] == needle["answer"] and (row["length"], row["depth"]) == (needle["length"],
+                                                                                           needle["depth"])
+        others = [row[k] for k in LETTERS if k != row["answer"]]
+        assert len(set(others)) == 3 and all(re.fullmatch(r"\d{5}", o) and o not in row["prompt"] for o in others)
 
 
 def test_needle_is_planted_once_at_its_depth(sets: dict[str, EvalSet]) -> None:

@@ -25,8 +25,9 @@ from tasks.evaluate.stages import build_eval_data, evaluate_checkpoint, promote_
 
 FIXTURES = str(Path(__file__).resolve().parents[1] / "fixtures")
 ANSWER_KEY = "oc_fixture_models.AnswerKeyModel"
-SETS = ("knowledge_cloze", "language_continuation", "math_word", "code_functions", "needle", "tool_math")
-GROUPS = ("knowledge", "language", "reasoning", "coding", "long_context", "tool_use")
+SETS = ("knowledge_cloze", "language_continuation", "math_word", "code_functions", "needle", "needle_choice",
+        "tool_math")
+GROUPS = ("knowledge", "language", "reasoning", "coding", "long_context", "long_context", "tool_use")
 CFG = EvalDataConfig(cloze=24, continuation=24, math=4, code=3, tool=3, needle_lengths=(64, 128),
                      needle_depths=(0.0, 0.5, 1.0), needle_per_cell=1, holdout_share=0.25)
 
@@ -85,7 +86,10 @@ def test_answer_key_model_scores_100_on_every_set(sets: str, tmp_path: Path) -> 
     assert metrics["eval/average"] == 100.0
     cells = [k for k in metrics if k.startswith("eval/long_context/needle/len")]
     assert len(cells) == len(CFG.needle_lengths) * len(CFG.needle_depths)
+    cells = [k for k in metrics if k.startswith("eval/long_context/needle_choice/len")]
+    assert len(cells) == len(CFG.needle_lengths) * len(CFG.needle_depths)
     assert (tmp_path / "out" / "needle.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "out" / "needle_choice.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "out" / "summary.csv").is_file()
     assert result["needle"]["grid"] == [[100.0, 100.0]] * 3
 
@@ -98,6 +102,8 @@ def test_random_weights_score_near_chance(sets: str, random_model: tuple[str, st
     # four options: chance is 25 %; with 24 items three standard deviations reach about 51 %
     assert 0.0 <= m["eval/knowledge/knowledge_cloze"] <= 55.0
     assert 0.0 <= m["eval/language/language_continuation"] <= 55.0
+    # six needle items: a random model picks the planted number by luck, not by reading the context
+    assert 0.0 <= m["eval/long_context/needle_choice"] <= 70.0
     for key in ("eval/reasoning/math_word", "eval/coding/code_functions", "eval/long_context/needle"):
         assert m[key] <= 10.0, key
     assert "eval/tool_use/tool_math" not in m  # a base model does not get the tool-use set
