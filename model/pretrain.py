@@ -108,6 +108,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+def adamw_schedule(model: torch.nn.Module, o: OptimConfig, device: torch.device) -> dict[str, Any]:
+    """Lightning's optimizer dict: AdamW over `param_groups` (fused on CPU and CUDA) and the warmup-cosine LambdaLR,
+    stepped per optimizer step (its checkpoint state is the step count: the partial's __dict__ is empty)."""
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
+                                  fused=device.type in ("cpu", "cuda"))
+    scheduler = LambdaLR(optimizer, functools.partial(lr_factor, optim=o))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
 class PretrainModule(L.LightningModule):
     """Next-token pretraining of :class:`InternLM2` on batches of ``tokens``/``targets``/``segment_ids`` (B, T).
 
@@ -187,14 +196,7 @@ class PretrainModule(L.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        o = self.optim
-        fused = self.device.type in ("cpu", "cuda")
-        optimizer = torch.optim.AdamW(
-            param_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, fused=fused
-        )
-        # Stepped per optimizer step; its checkpoint state is the step count (the partial's __dict__ is empty).
-        scheduler = LambdaLR(optimizer, functools.partial(lr_factor, optim=o))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        return adamw_schedule(self.model, self.optim, self.device)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[STATE_KEY] = {"tokens_seen": self.tokens_seen, "loss_history": list(self.loss_history)}

@@ -29,7 +29,6 @@ Where we depart or fill a gap:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -40,12 +39,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import LambdaLR
 
 from model.chat import Message, encode_chat
 from model.config import ModelConfig
 from model.model import InternLM2
-from model.pretrain import OptimConfig, PretrainModule, lr_factor, param_groups
+from model.pretrain import OptimConfig, PretrainModule, adamw_schedule
 from model.tokenizer import REWARD, REWARD_OFFSET, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -384,10 +382,4 @@ class RewardModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        o = self.optim
-        fused = self.device.type in ("cpu", "cuda")
-        optimizer = torch.optim.AdamW(
-            param_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, fused=fused
-        )
-        scheduler = LambdaLR(optimizer, functools.partial(lr_factor, optim=o))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        return adamw_schedule(self.model, self.optim, self.device)
