@@ -20,10 +20,6 @@ class Comparison:
     metrics: list[tuple[str, list[float | None], list[float | None]]]  # key, values, delta vs the first run
     params: list[tuple[str, list[str | None]]] = field(default_factory=list)  # only the ones that differ
 
-    def changed(self, key: str) -> bool:
-        values = next(v for k, v, _ in self.metrics if k == key)
-        return len({v for v in values}) > 1
-
 
 def _find(client: Any, ref: str) -> Any:
     """A run by id, else by name (the newest with that name) in any experiment."""
