@@ -56,6 +56,18 @@ def s3_bucket(moto_server: str) -> str:
     return f"s3://{name}"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """For modules of tiny models (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): a second torch
+    thread costs more in hand-offs than it gives, 30–50× on a busy 2-core box."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[None]:
     """One real (temporary) Prefect server for the whole session, as Prefect's own test harness runs it."""
