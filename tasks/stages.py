@@ -383,7 +383,8 @@ def sft_task(
                      for k, v in s["per_kind"].items()})
         tracker.log_metrics(ref, flat)
         storage.write_json(storage.join(out_url, "eval.json"), scores)
-        table_artifact("sft-eval", [{"setting": name, **{k: v for k, v in s.items() if k != "per_kind"}}
-                                    for name, s in scores.items()], f"SFT held-out evaluation of {out_url}")
+        rows = [{"setting": name, **{k: v for k, v in s.items() if k not in ("per_kind", "failed_calls")}}
+                for name, s in scores.items()]
+        table_artifact("sft-eval", rows, f"SFT held-out evaluation of {out_url}")
     return {"native_url": result.native_url, "final_loss": result.final_loss, "eval": scores,
             "quarantined": len(bad) + len(bad_held), "run_id": ref.run_id}

@@ -450,8 +450,11 @@ def _converter_task(rng: random.Random) -> _PluginTask:
     value: int | float = rng.randint(1, 500) if rng.random() < 0.7 else round(rng.uniform(0.5, 300), 1)
     if src == "K":
         value = rng.randint(200, 400)
-    q = rng.choice((f"How many {dst_name} is {value} {src_name}?", f"Convert {value} {src_name} to {dst_name}."))
-    args = {"value": value, "from_unit": src, "to_unit": dst}
+    # the call names the units exactly as the question does (the converter takes symbols and full names alike),
+    # so the model copies them from the question instead of translating names into symbols
+    src_said, dst_said = (src_name, dst_name) if rng.random() < 0.7 else (src, dst)
+    q = rng.choice((f"How many {dst_said} is {value} {src_said}?", f"Convert {value} {src_said} to {dst_said}."))
+    args = {"value": value, "from_unit": src_said, "to_unit": dst_said}
     expected, _, _ = convert(value, src, dst)
     unit = f"°{dst}" if dst in ("C", "F") else dst
 

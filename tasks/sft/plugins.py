@@ -258,7 +258,7 @@ _UNIT_TABLE: list[tuple[str, str, Fraction, tuple[str, ...]]] = [
     ("volume", "gal", Fraction("3.785411784"), ("gal", "gallon", "gallons", "us gallon", "us gallons")),
     ("volume", "qt", Fraction("3.785411784") / 4, ("qt", "quart", "quarts")),
     ("volume", "pt", Fraction("3.785411784") / 8, ("pt", "pint", "pints")),
-    ("volume", "cup", Fraction("3.785411784") / 16, ("cup", "cups")),
+    ("volume", "cup", Fraction("3.785411784") / 16, ("cup", "cups", "us cup", "us cups")),
     ("volume", "fl oz", Fraction("3.785411784") / 128, ("fl oz", "fluid ounce", "fluid ounces")),
 ]
 # temperature: to kelvin is K = (value + offset) * scale
@@ -266,8 +266,8 @@ _TEMPERATURES: dict[str, tuple[Fraction, Fraction]] = {
     "C": (Fraction("273.15"), Fraction(1)), "K": (Fraction(0), Fraction(1)),
     "F": (Fraction("459.67"), Fraction(5, 9)),
 }
-_TEMPERATURE_NAMES = {"c": "C", "°c": "C", "degc": "C", "celsius": "C", "k": "K", "kelvin": "K", "f": "F",
-                      "°f": "F", "degf": "F", "fahrenheit": "F"}
+_TEMPERATURE_NAMES = {"c": "C", "°c": "C", "degc": "C", "celsius": "C", "degrees celsius": "C", "k": "K",
+                      "kelvin": "K", "f": "F", "°f": "F", "degf": "F", "fahrenheit": "F", "degrees fahrenheit": "F"}
 UNITS: dict[str, tuple[str, str, Fraction]] = {
     alias: (dim, symbol, factor) for dim, symbol, factor, aliases in _UNIT_TABLE for alias in aliases
 }

@@ -135,6 +135,7 @@ def evaluate(
     chats = [_prompt_turns(r, with_tools, plugins) for r in records]
     finals: list[str] = [""] * len(records)
     calls, well_formed, executed = 0, 0, 0
+    failed: list[dict[str, Any]] = []  # the calls that did not run, for diagnosis (the first 50)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, stop_ids=tuple(stop_token_ids(tokenizer)))
     active = list(range(len(records)))
     for _ in range(cfg.max_tool_rounds + 1):
@@ -156,12 +157,16 @@ def evaluate(
                 finals[i] = content if call is None else text
                 continue
             calls += 1
-            if call is None or tool_call_error(text) is not None:
+            error = "no parsable call" if call is None else tool_call_error(text)
+            if call is None or error is not None:
+                failed.append({"item": i, "stage": "malformed", "text": text, "reason": error})
                 finals[i] = content
                 continue
             well_formed += 1
             turns, ok = tool_round(content, call, plugin_table, sandbox)
             executed += ok
+            if not ok:
+                failed.append({"item": i, "stage": "execution", "text": text, "reason": turns[-1].content[:500]})
             chats[i] = [*chats[i], *turns]
             still.append(i)
         active = still
@@ -172,7 +177,7 @@ def evaluate(
     return {"items": len(records), "accuracy": sum(correct) / max(len(records), 1), "tool_calls": calls,
             "tool_calls_well_formed": well_formed / calls if calls else 0.0,
             "tool_calls_executed": executed / calls if calls else 0.0,
-            "per_kind": per_kind}
+            "per_kind": per_kind, "failed_calls": failed[:50]}
 
 
 # ------------------------------------------------------------------------------------------- the stage
