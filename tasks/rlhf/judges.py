@@ -10,9 +10,14 @@ decoded with special tokens kept; one trailing ``<|im_end|>`` or ``</s>`` (and w
 The record's own last assistant turn is the *reference reply*. Scores lie in [-1, 1], rounded to 4 decimals so that
 equal means equal (a tie, of which no preference pair is made).
 
-``helpful`` (benign requests only: every item but the harmful side of a refusal pair, which raises ValueError,
-because there the helpful view has no safe answer to prefer; judge it in ``harmless``):
+``helpful`` (what a helpful-only annotator would say; harmfulness is ``harmless``'s business):
     -1.0  an empty reply or a refusal (`is_refusal`)
+    harmful request (``meta.harmful``): 1.0 anything else, a compliance, with no correctness check or length
+          penalty. So the same (compliance, refusal) comparison goes one way here and the other way in
+          ``harmless``: the conflict the conditional system prompt exists to resolve (InternLM2 §4.2). PPO scores
+          a prompt in its natural domain (`domain_of`: ``harmless`` for a harmful request), so this judge never
+          rewards compliance there.
+    otherwise:
      1.0  a correct answer (`check_answer`), minus the length penalty
      0.0  a wrong answer, minus the length penalty
     Length penalty: up to A = int(1.5 × len(reference reply)) + 40 characters is free; beyond, the score loses
@@ -164,11 +169,10 @@ def format_problems(record: dict[str, Any], response: str) -> list[str]:
 
 
 def _helpful(record: dict[str, Any], response: str) -> float:
-    if is_harmful(record):
-        raise ValueError(f"record {record.get('id')!r} is a harmful request: the helpful judge only sees benign "
-                         "requests; judge it in the harmless domain")
     if not _body(response).strip() or is_refusal(response):
         return -1.0
+    if is_harmful(record):  # helpfulness alone: complying is what the user asked for
+        return 1.0
     return (1.0 if check_answer(record, response) else 0.0) - length_penalty(record, response)
 
 
@@ -208,7 +212,7 @@ def gold_score(domain: str, record: dict[str, Any], response: str) -> float:
 
     Exact and deterministic (``python_function`` replies run in the sandbox, whose only nondeterminism is a run
     killed by its time limit). Raises ValueError for an unknown domain, a record that is not a `generate_sft` record,
-    a response that is not a string, or a harmful request in the helpful domain.
+    or a response that is not a string.
     """
     judge = _JUDGES[check_domain(domain)]
     _meta(record)

@@ -11,11 +11,13 @@ Two sources:
   cheap variants to sample from (the reference, a wrong answer, a refusal, a padded and a malformed reply), which
   seeds the reward model with the patterns the gold judges reward and punish.
 
-Where a record is labelled: its natural domain (`judges.domain_of`), and for the benign look-alike of a refusal pair
-also ``harmless``. So the conditional reward model sees both sides of the helpful/harmless tension: the same refusal
-text is preferred on the harmful request (harmless) and dispreferred on its benign twin (helpful, and harmless too:
-refusing a harmless request is no safer). The harmful side is labelled in ``harmless`` only; the helpful judge has no
-safe answer to prefer there.
+Where a record is labelled: its natural domain (`judges.domain_of`), and both sides of a refusal pair in
+``helpful`` and ``harmless``. So the conditional reward model sees the helpful/harmless tension from both ends: on
+the harmful request the same (compliance, refusal) comparison is preferred one way in ``helpful`` (a helpful-only
+annotator wants compliance) and the other way in ``harmless`` — identical inputs, opposite labels, which only the
+domain system prompt can tell apart (InternLM2 §4.2); on its benign twin the refusal loses in both (refusing a
+harmless request is no safer). PPO scores each prompt in its natural domain only, so the helpful label of a harmful
+request never rewards compliance there.
 
 Responses are assistant text as generated (special tokens kept); turn one into a turn for
 `model.reward.encode_preference` with `model.chat.parse_assistant` (content and tool call).
@@ -213,12 +215,11 @@ def write_pairs(pairs: Iterable[PreferencePair], url: str) -> int:
 
 
 def label_domains(record: dict[str, Any]) -> tuple[str, ...]:
-    """The domains `pairs_from_samples` labels a record in: its natural one, plus ``harmless`` for the benign
-    look-alike of a refusal pair (refusing it is not safer)."""
-    natural = domain_of(record)
-    meta = record["meta"]
-    if meta["kind"] == "refusal" and not meta.get("harmful"):
-        return (natural, "harmless")
+    """The domains `pairs_from_samples` labels a record in: its natural one; both ``helpful`` and ``harmless`` for
+    either side of a refusal pair (the harmful side is where the two judges disagree)."""
+    natural = domain_of(record)  # validates the record
+    if record["meta"]["kind"] == "refusal":
+        return ("helpful", "harmless")
     return (natural,)
 
 
@@ -303,7 +304,7 @@ _FILLER = (
 _ANSWER_SEP = "\n\nAnswer: "
 
 
-def _topic_refusal(meta: dict[str, Any]) -> str:
+def topic_refusal(meta: dict[str, Any]) -> str:
     """The refusal the SFT data gives for this pair's topic (the same text on both sides), else a generic one."""
     return next((p.refusal for p in REFUSAL_PAIRS if p.topic == meta.get("topic")), GENERIC_REFUSAL)
 
@@ -377,7 +378,7 @@ def synthetic_responses(record: dict[str, Any], rng: random.Random) -> list[str]
     if is_harmful(record):
         middle: list[str | None] = [COMPLIANCE]
     elif meta["kind"] == "refusal":
-        middle = [_topic_refusal(meta)]
+        middle = [topic_refusal(meta)]
     else:
         middle = [_wrong(record, reference, rng), GENERIC_REFUSAL]
     variants = [reference, *middle, _padded(reference, rng), _malformed(record, reference, rng)]

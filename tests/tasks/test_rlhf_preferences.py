@@ -21,6 +21,7 @@ from tasks.rlhf.preferences import (
     PAIR_ERRORS,
     BadPair,
     PreferencePair,
+    label_domains,
     label_pair,
     pairs_from_samples,
     parse_pair,
@@ -144,8 +145,11 @@ def test_helpful_and_harmless_pull_apart_on_a_refusal_pair(records: list[dict[st
     assert gold_score("helpful", benign, reference_reply(benign)) == 1.0
     assert gold_score("harmless", harmful, COMPLIANCE) == -1.0
     assert gold_score("harmless", harmful, "") == 0.0
-    with pytest.raises(ValueError, match="harmless domain"):
-        gold_score("helpful", harmful, refusal)
+    # a helpful-only view of the harmful request: compliance wins, the refusal loses — the opposite of harmless
+    assert gold_score("helpful", harmful, COMPLIANCE) == 1.0
+    assert gold_score("helpful", harmful, refusal) == -1.0
+    assert gold_score("helpful", harmful, "") == -1.0
+    assert gold_score("helpful", harmful, COMPLIANCE * 20) == 1.0  # no length penalty, no answer check there
 
 
 @pytest.mark.parametrize(("response", "problems", "score"), [
@@ -301,12 +305,17 @@ def test_refusal_pairs_are_labelled_in_both_domains(records: list[dict[str, Any]
                                                     pairs: list[PreferencePair]) -> None:
     harmful, benign = refusal_pair(records)
     refusal = reference_reply(harmful)
+    assert label_domains(harmful) == label_domains(benign) == ("helpful", "harmless")
     on_harmful = [p for p in pairs if (p.meta or {})["record"] == harmful["id"]]
     on_benign = [p for p in pairs if (p.meta or {})["record"] == benign["id"]]
-    assert {p.domain for p in on_harmful} == {"harmless"}
+    assert {p.domain for p in on_harmful} == {"helpful", "harmless"}
     assert {p.domain for p in on_benign} == {"helpful", "harmless"}
-    assert all(p.chosen != COMPLIANCE for p in on_harmful) and any(p.rejected == COMPLIANCE for p in on_harmful)
-    assert [p.chosen for p in on_harmful if refusal in (p.chosen, p.rejected)] == [refusal]
+    harmless = [p for p in on_harmful if p.domain == "harmless"]
+    helpful = [p for p in on_harmful if p.domain == "helpful"]
+    assert all(p.chosen != COMPLIANCE for p in harmless) and any(p.rejected == COMPLIANCE for p in harmless)
+    assert helpful and all(p.chosen == COMPLIANCE for p in helpful)  # every refusal variant loses to compliance
+    assert [(p.domain, p.chosen, p.rejected) for p in on_harmful if {refusal, COMPLIANCE} == {p.chosen, p.rejected}
+            ] == [("helpful", COMPLIANCE, refusal), ("harmless", refusal, COMPLIANCE)]  # same pair, opposite labels
     with_refusal = [p for p in on_benign if refusal in (p.chosen, p.rejected)]
     assert {p.domain for p in with_refusal} == {"helpful", "harmless"}
     assert all(p.rejected == refusal for p in with_refusal)
