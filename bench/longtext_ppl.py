@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-# bench/model.py shares its name with the `model` package: keep this folder off the import path.
+# bench/model_step.py shares its name with the `model` package: keep this folder off the import path.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import numpy as np  # noqa: E402

@@ -20,6 +20,8 @@ from tasks.longtext.filters import LongTextConfig
 from tasks.longtext.perplexity import PerplexityConfig
 from tasks.mix import CapabilityMixConfig
 from tasks.phases import PhaseMix
+from tasks.rlhf.online import RLHFConfig
+from tasks.rlhf.reward_train import RewardTrainConfig
 from tasks.sft.generate import SFTDataConfig
 from tasks.sft.train import SFTEvalConfig
 
@@ -45,6 +47,7 @@ class PipelinePreset(BaseModel):
     sft_base: str = "phase2_long"  # SFT starts from this phase: the paper fine-tunes the pre-enhancement base
     eval_data: EvalDataConfig = Field(default_factory=EvalDataConfig)  # the local OpenCompass sets
     eval_run: EvalRunConfig = Field(default_factory=EvalRunConfig)
+    rlhf: RLHFConfig = Field(default_factory=RLHFConfig)  # COOL RLHF: rounds, PPO, reward-model updates, DPO
     register_as: str = "lmforge-chat"  # the registered model whose `champion` alias tracks the best chat model
 
     @model_validator(mode="after")
@@ -106,7 +109,14 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
                             eval_data=EvalDataConfig(cloze=6, continuation=6, math=4, code=3, tool=3,
                                                      needle_lengths=(64, 128), needle_depths=(0.0, 1.0),
                                                      needle_per_cell=1, holdout_share=0.05),
-                            eval_run=EvalRunConfig(max_seq_len=512, max_tool_rounds=1)),
+                            eval_run=EvalRunConfig(max_seq_len=512, max_tool_rounds=1),
+                            rlhf=RLHFConfig(rounds=2, steps_per_round=3, prompts_per_step=2, train_prompts=12,
+                                            eval_prompts=6, patch_steps=2, dpo_steps=2, min_pattern=1,
+                                            ptx_seq_len=32, precision="32-true",
+                                            reward=RewardTrainConfig(max_steps=3, batch_size=4, lr=1e-3,
+                                                                     precision="32-true"),
+                                            ppo={"critic_warmup_steps": 1, "max_new_tokens": 12, "actor_lr": 1e-3,
+                                                 "critic_lr": 1e-3})),
     "tiny": PipelinePreset(model="tiny", corpus="tiny", tokenizer_sample_bytes=20_000_000,
                            longtext=LongTextConfig(min_chars=1_000),
                            perplexity=PerplexityConfig(segment_tokens=128, max_pairs=4, batch_size=8),
@@ -119,7 +129,13 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
                            sft_eval=SFTEvalConfig(max_items=240, max_new_tokens=160, max_tool_rounds=2),
                            # phase 1 reads 256 tokens, phase 2 2,048: the needle grid spans both
                            eval_data=EvalDataConfig(needle_lengths=(192, 512, 1024, 1792)),
-                           eval_run=EvalRunConfig(max_seq_len=2048)),
+                           eval_run=EvalRunConfig(max_seq_len=2048),
+                           # a 5M-parameter model: LRs well above the report's 1e-6 / 5e-6 / 1e-5, or nothing moves
+                           rlhf=RLHFConfig(steps_per_round=20, eval_prompts=64, patch_steps=20, patch_lr=1e-4,
+                                           dpo_steps=40, dpo_lr=5e-5,
+                                           reward=RewardTrainConfig(max_steps=40, batch_size=8, lr=1e-4),
+                                           ppo={"critic_warmup_steps": 5, "max_new_tokens": 64, "actor_lr": 5e-5,
+                                                "critic_lr": 1e-4})),
     "small": PipelinePreset(model="small", corpus="small", tokenizer_sample_bytes=50_000_000,
                             longtext=LongTextConfig(min_chars=2_000),
                             perplexity=PerplexityConfig(segment_tokens=256, max_pairs=4, batch_size=8),

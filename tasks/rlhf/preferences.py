@@ -83,7 +83,7 @@ def _error(code: str, detail: str) -> PydanticCustomError:
     return PydanticCustomError(code, "{detail}", {"detail": detail})
 
 
-def _prompt_turns(messages: list[Any]) -> list[Message]:
+def to_turns(messages: list[Any]) -> list[Message]:
     """Validate prompt messages with the chat contract (a placeholder reply closes them); BadChat if broken."""
     chat = parse_chat({"messages": [*messages, {"role": "assistant", "content": "."}]})
     return chat[:-1]
@@ -102,7 +102,7 @@ def normalise_prompt(prompt: Any) -> list[dict[str, Any]]:
     if not prompt:
         raise _error("bad_prompt", "prompt is an empty list: expected at least one user turn")
     try:
-        turns = _prompt_turns(prompt)
+        turns = to_turns(prompt)
     except BadChat as err:
         raise _error("bad_prompt", f"prompt {err} ({err.code})") from None
     if turns[-1].role not in PROMPT_ENDS:
@@ -154,7 +154,7 @@ class PreferencePair(BaseModel):
 
     def prompt_turns(self) -> list[Message]:
         """The prompt as `model.chat.Message` turns, for `model.reward.encode_preference`."""
-        return _prompt_turns(self.prompt)
+        return to_turns(self.prompt)
 
     def to_json(self) -> dict[str, Any]:
         """The JSONL form `read_pairs` reads back (no ``meta`` key when there is none)."""

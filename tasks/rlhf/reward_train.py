@@ -432,11 +432,11 @@ def compare_conditioning(
         result = train_reward_model(train_pairs, base, tokenizer, run)
         out[name] = {
             "eval": pair_accuracy(result.model, tokenizer, eval_pairs, conditional=conditional),
-            "conflict": pair_accuracy(result.model, tokenizer, conflict, conditional=conditional),
+            "conflict": pair_accuracy(result.model, tokenizer, conflict, conditional=conditional) if conflict else {},
             "train": result.summary(),
         }
-        log.info("reward model (%s): eval acc %.3f, conflict acc %.3f", name, out[name]["eval"]["acc/all"],
-                 out[name]["conflict"]["acc/all"])
+        log.info("reward model (%s): eval acc %.3f, conflict acc %s", name, out[name]["eval"]["acc/all"],
+                 out[name]["conflict"].get("acc/all", "n/a (no harmful held-out prompt)"))
     return out
 
 

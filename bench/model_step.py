@@ -5,8 +5,8 @@ fp32 eager, bf16 autocast eager, and each with ``torch.compile``. A train step i
 Decode compares our KV-cache ``generate`` with HF ``generate`` (greedy, same prompts, same lengths).
 The anchor is HF's best training mode; ratios are ours / HF. The last line is one JSON object with the figures.
 
-    python bench/model.py --preset tiny            # CPU
-    python bench/model.py --preset internlm2-1_8b --device cuda --batch 4 --seq 4096 --modes bf16   # one GPU
+    python bench/model_step.py --preset tiny            # CPU
+    python bench/model_step.py --preset internlm2-1_8b --device cuda --batch 4 --seq 4096 --modes bf16   # one GPU
 """
 
 from __future__ import annotations
