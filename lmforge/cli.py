@@ -174,6 +174,39 @@ def sft(
         _show_result(f"held-out, {name.replace('_', ' ')}", {k: v for k, v in scores.items() if k != "per_kind"})
 
 
+@app.command("rlhf")
+def rlhf(
+    sft: Annotated[str, typer.Option(help="the SFT checkpoint (its final/ directory)")],
+    tokenizer: Annotated[str, typer.Option(help="its tokenizer.json")],
+    sft_data: Annotated[str, typer.Option(help="folder with the SFT train.jsonl / held_out.jsonl")],
+    output: Annotated[str, typer.Option("--output", help="where the reward models, rounds and report go")],
+    pairs: Annotated[str | None, typer.Option(help="extra preference pairs (JSONL: domain, prompt, chosen, "
+                                                   "rejected)")] = None,
+    ptx_tokens: Annotated[list[str] | None, typer.Option(help="token shard folder(s) for the PTX loss")] = None,
+    rounds: Annotated[int | None, typer.Option(min=1, help="online rounds (default: the preset's)")] = None,
+    fast_path: Annotated[bool, typer.Option(help="patch the reward model on hacking patterns")] = True,
+    slow_path: Annotated[bool, typer.Option(help="the lagging broad reward-model update")] = True,
+    dpo: Annotated[bool, typer.Option(help="also train the DPO baseline")] = True,
+    preset: PresetOpt = "tiny",
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """COOL RLHF (the `rlhf` deployment's flow): conditional reward model, PPO rounds with fast and slow path, DPO."""
+    from flows.rlhf import RLHFParams, rlhf_flow
+    from tasks.presets import pipeline_preset
+
+    _check_preset(preset, pipeline_preset)
+    params = RLHFParams(sft=sft, tokenizer=tokenizer, sft_data=sft_data, output=output, pairs=pairs,
+                        ptx_tokens=ptx_tokens or [], rounds=rounds, fast_path=fast_path, slow_path=slow_path,
+                        dpo=dpo, preset=preset, where=_where(None, None, tracking_uri))
+    result = rlhf_flow(params)
+    _show_result("reward model", result["reward_model_metrics"])
+    for i, metrics in enumerate(result["rounds"], 1):
+        _show_result(f"round {i} (held-out prompts)", metrics)
+    if result["dpo"] is not None:
+        _show_result("DPO (held-out prompts)", result["dpo"])
+    typer.echo(f"actor: {result['actor']}")
+
+
 @app.command("chat")
 def chat(
     checkpoint: Annotated[str, typer.Argument(help="a checkpoint: lmforge dir, Lightning .ckpt or HF dir")],
