@@ -1,7 +1,8 @@
 """The whole pipeline: corpus → text and code cleaning → tokenizer → token shards → phase 1 → long-text selection
-with the phase-1 model → phase 2 → capability mix → phase 3 → SFT (from the preset's base phase) → HF export →
-OpenCompass evaluation of every phase's checkpoint (base-model sets) and of the SFT model (all sets), the latter
-registered and made `champion` when it beats the current one.
+with the phase-1 model → phase 2 → capability mix → phase 3 → SFT (from the preset's base phase) → COOL RLHF (the
+conditional reward model, rounds of PPO with fast and slow path) → HF export of the RLHF model → OpenCompass evaluation
+of every phase's checkpoint (base-model sets) and of the SFT and RLHF models (all sets), each chat model registered
+and made `champion` when it beats the current one.
 
 Tokenization leaves a hashed share of the cleaned text out of every phase (`EvalDataConfig.holdout_share`): the
 knowledge and language eval items are built from those documents, which no phase trained on.
@@ -25,6 +26,7 @@ from flows.evaluate import EvaluateParams, evaluate_flow
 from flows.longtext import LongTextParams, longtext_flow
 from flows.params import Where, parent_run
 from flows.pretrain import PretrainParams, pretrain_flow
+from flows.rlhf import RLHFParams, rlhf_flow
 from flows.sft import SFTParams, sft_flow
 from infra import storage
 from infra.tracking import tracker_for
@@ -84,23 +86,28 @@ def pipeline_flow(params: PipelineParams = PipelineParams()) -> dict[str, Any]: 
         base = next(p for p in phases if p["name"] == plan.sft_base)["native_url"]
         sft = sft_flow(SFTParams(base=base, tokenizer=tokenizer, output=storage.join(work, "sft"), corpus=corpus,
                                  preset=params.preset, where=params.where, parent_run=parent))
+        rlhf = rlhf_flow(RLHFParams(
+            sft=sft["native_url"], tokenizer=tokenizer, output=storage.join(work, "rlhf"), preset=params.preset,
+            sft_data=storage.join(work, "sft", "data"), ptx_tokens=[storage.join(work, "tokens")], dpo=False,
+            ablation=False, where=params.where, parent_run=parent))
         export = reuse_if_present(export_task, storage.join(hf_dir, "config.json"))
-        hf = export(sft["native_url"], tokenizer, hf_dir, parent)
+        hf = export(rlhf["actor"], tokenizer, hf_dir, parent)
         losses = {**{p["name"]: p["final_loss"] for p in phases}, "sft": sft["final_loss"]}
         accuracy = {f"sft/{k}/accuracy": v["accuracy"] for k, v in sft["eval"].items()}
         tracker_for(parent).log_metrics(parent, {**{f"final_loss/{k}": v for k, v in losses.items()}, **accuracy})
-        evals = _evaluate_all(plan, params, work, corpus, tokenizer, phases, sft, parent)
+        evals = _evaluate_all(plan, params, work, corpus, tokenizer, phases, sft, rlhf, parent)
         tracker_for(parent).log_metrics(parent, {f"{name}/eval/average": e["metrics"]["eval/average"]
                                                  for name, e in evals.items()})
     return {"workdir": work, "mlflow_run_id": parent.run_id, "export": hf, "final_losses": losses,
             "sft_eval": {k: {m: v[m] for m in ("accuracy", "tool_calls_executed")} for k, v in sft["eval"].items()},
             "eval": {name: e["metrics"]["eval/average"] for name, e in evals.items()},
-            "champion": evals["sft"].get("champion")}
+            "rlhf": rlhf["rounds"][-1], "champion": evals["rlhf"].get("champion")}
 
 
 def _evaluate_all(plan: Any, params: PipelineParams, work: str, corpus: str, tokenizer: str,
-                  phases: list[dict[str, Any]], sft: dict[str, Any], parent: Any) -> dict[str, dict[str, Any]]:
-    """OpenCompass on every phase's checkpoint (base sets) and on the SFT model (all sets, registered)."""
+                  phases: list[dict[str, Any]], sft: dict[str, Any], rlhf: dict[str, Any], parent: Any
+                  ) -> dict[str, dict[str, Any]]:
+    """OpenCompass on every phase's checkpoint (base sets), the SFT and the RLHF model (all sets, registered)."""
     out = storage.join(work, "eval")
     common = {"tokenizer": tokenizer, "output": out, "corpus": corpus, "preset": params.preset,
               "sft_train": storage.join(work, "sft", "data", "train.jsonl"),
@@ -111,6 +118,9 @@ def _evaluate_all(plan: Any, params: PipelineParams, work: str, corpus: str, tok
             checkpoint=phase["native_url"], chat=False, title=phase["name"], model_run=phase.get("run_id"), **common))
     results["sft"] = evaluate_flow(EvaluateParams(
         checkpoint=sft["native_url"], chat=True, title="sft", model_run=sft.get("run_id"),
+        register_as=plan.register_as, **common))
+    results["rlhf"] = evaluate_flow(EvaluateParams(
+        checkpoint=rlhf["actor"], chat=True, title="rlhf", model_run=rlhf.get("run_id"),
         register_as=plan.register_as, **common))
     return results
 

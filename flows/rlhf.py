@@ -60,7 +60,8 @@ def rlhf_flow(params: RLHFParams) -> dict[str, Any]:
                 inputs, cfg, data, rm0["url"], storage.join(out, "dpo"), parent)
         rlhf_report_task(rounds, dpo["metrics"] if dpo else None, out, parent)
         return {"actor": previous["actor"], "reward_model": previous["rm"], "rounds": rounds,
-                "reward_model_metrics": rm0["metrics"], "dpo": dpo["metrics"] if dpo else None}
+                "run_id": result["run_id"], "reward_model_metrics": rm0["metrics"],
+                "dpo": dpo["metrics"] if dpo else None}
 
 
 if __name__ == "__main__":

@@ -197,13 +197,18 @@ def evaluate_policy(actor: InternLM2, reference: InternLM2, rm: RewardModel, ini
 # ------------------------------------------------------------------------------------------- PPO round
 
 
-def _ptx_dataset(token_dirs: Sequence[str], seq_len: int, seed: int) -> Any:
-    """Pretraining windows for the PTX loss, from token shard directories (``*.tokens.npy`` + ``*.offsets.npy``)."""
+def ptx_dataset(token_dirs: Sequence[str], seq_len: int, seed: int) -> Any:
+    """Pretraining windows for the PTX loss, from token shard folders (``*.tokens.npy`` + ``*.offsets.npy``, local
+    or remote: remote shards are fetched to a private temporary folder first)."""
     from model.data import DocumentStore, PackedDataset
 
     pairs = []
     for directory in token_dirs:
-        for tokens in sorted(Path(directory).glob("*.tokens.npy")):
+        local = directory
+        if not storage.is_local(storage.fs_for(directory)[0]):
+            local = tempfile.mkdtemp(prefix="lmforge-ptx-")
+            storage.download_dir(directory, local)
+        for tokens in sorted(Path(storage.fs_for(local)[1]).glob("*.tokens.npy")):
             pairs.append((tokens, tokens.with_name(tokens.name.replace(".tokens.npy", ".offsets.npy"))))
     if not pairs:
         raise ValueError(f"PTX: no *.tokens.npy shards under {list(token_dirs)}; pass the pipeline's token shards "
@@ -211,7 +216,7 @@ def _ptx_dataset(token_dirs: Sequence[str], seq_len: int, seed: int) -> Any:
     return PackedDataset(DocumentStore.from_shards(pairs), seq_len, seed=seed)
 
 
-def _trainer(steps: int, precision: str, mlflow: tuple[str, str] | None) -> L.Trainer:
+def rl_trainer(steps: int, precision: str, mlflow: tuple[str, str] | None) -> L.Trainer:
     from lightning.pytorch.loggers import MLFlowLogger
 
     logger: Any = False
@@ -235,7 +240,7 @@ def ppo_round(actor: InternLM2, critic: ValueModel, rm: RewardModel, tokenizer: 
     loader = DataLoader(PromptDataset(items, ptx), batch_size=cfg.prompts_per_step, shuffle=True,
                         collate_fn=collate_prompts, generator=generator, drop_last=True)
     L.seed_everything(cfg.seed + round_index, workers=False, verbose=False)
-    _trainer(cfg.steps_per_round, cfg.precision, mlflow).fit(module, train_dataloaders=loader)
+    rl_trainer(cfg.steps_per_round, cfg.precision, mlflow).fit(module, train_dataloaders=loader)
     samples = [{"record_id": prompts[s["index"]]["id"], "response": s["response"], "proxy": float(s["proxy"]),
                 "step": int(s["step"])} for s in module.samples]
     return module, samples

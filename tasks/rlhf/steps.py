@@ -134,7 +134,7 @@ def run_round(inputs: RLHFInputs, cfg: RLHFConfig, round_index: int, data_url: s
     critic = online.load_critic(previous["critic"]) if previous.get("critic") else critic_from(rm)
     train = read_jsonl(storage.join(data_url, "prompts_train.jsonl"))
     held = read_jsonl(storage.join(data_url, "prompts_eval.jsonl"))
-    ptx = online._ptx_dataset(inputs.ptx_tokens, cfg.ptx_seq_len, cfg.seed) if inputs.ptx_tokens else None
+    ptx = online.ptx_dataset(inputs.ptx_tokens, cfg.ptx_seq_len, cfg.seed) if inputs.ptx_tokens else None
     _, samples = online.ppo_round(actor, critic, rm, tokenizer, train, cfg, round_index, ptx=ptx, mlflow=mlflow)
     metrics, judged = online.evaluate_policy(actor, reference, rm, load_reward_model(initial_rm_url), tokenizer,
                                              held, cfg, seed=cfg.seed + 7)
@@ -199,7 +199,7 @@ def run_dpo(inputs: RLHFInputs, cfg: RLHFConfig, data_url: str, initial_rm_url: 
     loader = DataLoader(items, batch_size=cfg.reward.batch_size, shuffle=True,  # type: ignore[arg-type]
                         collate_fn=lambda b: collate_dpo(b, tokenizer.eos_id))
     L.seed_everything(cfg.seed, verbose=False)
-    online._trainer(cfg.dpo_steps, cfg.precision, mlflow).fit(module, train_dataloaders=loader)
+    online.rl_trainer(cfg.dpo_steps, cfg.precision, mlflow).fit(module, train_dataloaders=loader)
     policy = InternLM2(sft.config)
     policy.load_state_dict(policy_state_dict(module))
     policy.eval()

@@ -19,11 +19,13 @@ from model.checkpoint import load_model
 
 STAGES = {"corpus", "data/text", "data/code", "tokenizer", "tokenize", "pretrain/phase1_short", "data/longtext",
           "pretrain/phase2_long", "data/capability-mix", "pretrain/phase3_capability", "sft/data", "sft", "export",
-          "eval/data", "eval/phase1_short", "eval/phase2_long", "eval/phase3_capability", "eval/sft"}
+          "eval/data", "eval/phase1_short", "eval/phase2_long", "eval/phase3_capability", "eval/sft",
+          "rlhf/data", "rlhf/reward_model", "rlhf/round1", "rlhf/round2", "eval/rlhf"}
 
 
 STAGE_TASKS = {"build-corpus", "train-tokenizer", "tokenize", "pretrain-phase", "export-hf", "capability-mix",
-               "longtext-shard", "sft-data", "sft-train", "eval-data", "opencompass", "champion"}
+               "longtext-shard", "sft-data", "sft-train", "eval-data", "opencompass", "champion", "rlhf-data",
+               "reward-model", "ppo-round", "rlhf-report"}
 
 
 def run_smoke(where: Where, **kw: Any) -> Any:
@@ -58,9 +60,12 @@ def test_pipeline_completes_and_learns(smoke_run: tuple[Where, Any]) -> None:
     result = state.result()
     assert set(result["final_losses"]) == {"phase1_short", "phase2_long", "phase3_capability", "sft"}
     assert set(result["sft_eval"]) == {"with_tools", "without_tools"}
-    assert set(result["eval"]) == {"phase1_short", "phase2_long", "phase3_capability", "sft"}
+    assert set(result["eval"]) == {"phase1_short", "phase2_long", "phase3_capability", "sft", "rlhf"}
     assert all(0.0 <= v <= 100.0 for v in result["eval"].values())
-    assert result["champion"]["promoted"] and result["champion"]["version"] == 1
+    # the RLHF model is version 2 of the chat model; it becomes champion only by beating the SFT model
+    assert result["champion"]["version"] == 2
+    assert result["champion"]["promoted"] == (result["eval"]["rlhf"] > result["eval"]["sft"])
+    assert -1 <= result["rlhf"]["gold_reward"] <= 1 and 0 <= result["rlhf"]["hacking_rate"] <= 1
     assert all(loss < math.log(512) for loss in result["final_losses"].values())  # better than uniform
     phase1 = storage.read_json(storage.join(result["workdir"], "pretrain", "phase1_short", "final",
                                             "phase_result.json"))
@@ -83,13 +88,17 @@ def test_mlflow_parent_run_with_one_child_per_stage(smoke_run: tuple[Where, Any]
                                            if c.data.tags["lmforge.stage"] == "pretrain/phase2_long").data.metrics
     mix = next(c for c in children if c.data.tags["lmforge.stage"] == "data/capability-mix").data.metrics
     assert mix["reasoning/documents"] > 0 and mix["code/high_tier_documents"] > 0
-    # each checkpoint's OpenCompass scores sit on the run that trained it; the SFT model is the registry's champion
+    # each checkpoint's OpenCompass scores sit on the run that trained it; the better chat model is the champion
     assert "eval/knowledge/knowledge_cloze" in phase1.data.metrics and "eval/average" in phase1.data.metrics
     sft = next(c for c in children if c.data.tags["lmforge.stage"] == "sft")
     assert "eval/tool_use/tool_math" in sft.data.metrics
     assert "eval/tool_use/tool_math" not in phase1.data.metrics  # base models do not get the tool-use set
+    rlhf = next(c for c in children if c.data.tags["lmforge.stage"] == "rlhf/round2")
+    assert "eval/tool_use/tool_math" in rlhf.data.metrics and "round/gold_reward" in rlhf.data.metrics
     champion = client.get_model_version_by_alias("lmforge-chat", "champion")
-    assert champion.run_id == sft.info.run_id and champion.source.endswith("sft/train/final")
+    best = "rlhf" if state.result()["eval"]["rlhf"] > state.result()["eval"]["sft"] else "sft"
+    assert champion.run_id == {"sft": sft, "rlhf": rlhf}[best].info.run_id
+    assert champion.source.endswith({"sft": "sft/train/final", "rlhf": "rlhf/round2/actor"}[best])
 
 
 def test_export_loads_in_transformers_with_our_logits(smoke_run: tuple[Where, Any]) -> None:
@@ -97,7 +106,7 @@ def test_export_loads_in_transformers_with_our_logits(smoke_run: tuple[Where, An
     result = state.result()
     hf = transformers.AutoModelForCausalLM.from_pretrained(result["export"]).eval()
     tok = transformers.AutoTokenizer.from_pretrained(result["export"])
-    ours = load_model(Path(result["workdir"]) / "sft" / "train" / "final")  # the chat model is what ships
+    ours = load_model(Path(result["workdir"]) / "rlhf" / "round2" / "actor")  # the aligned chat model ships
     ids = tok("def main():\n    return 42", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
@@ -109,9 +118,9 @@ def test_rerun_with_same_parameters_comes_from_the_cache(smoke_run: tuple[Where,
     assert second.is_completed()
     assert second.result()["final_losses"] == first.result()["final_losses"]
     states = task_states(second.state_details.flow_run_id)
-    # corpus, tokenizer, 3 × tokenize, 3 × phase, capability mix, SFT data, SFT, export, a long-text task per shard,
-    # eval data, 4 × evaluate, champion
-    assert len(states) >= 19 and {s for _, s in states} == {"Cached"}, states  # data-flow tasks too (below)
+    # corpus, tokenizer, 3 × tokenize, 3 × phase, capability mix, SFT data, SFT, RLHF data, reward model, 2 rounds,
+    # RLHF report, export, a long-text task per shard, eval data, 5 × evaluate, 2 × champion
+    assert len(states) >= 26 and {s for _, s in states} == {"Cached"}, states  # data-flow tasks too (below)
 
 
 def test_missing_outputs_are_rebuilt_not_served_from_cache(smoke_run: tuple[Where, Any]) -> None:
