@@ -108,11 +108,21 @@ def test_sft_tool_calls_are_well_formed_and_run_and_the_interpreter_helps(
 
 def test_opencompass_evaluated_every_checkpoint(tiny: tuple[Path, Where, dict[str, Any]]) -> None:
     work, where, result = tiny
-    assert set(result["eval"]) == {"phase1_short", "phase2_long", "phase3_capability", "sft"}
+    assert set(result["eval"]) == {"phase1_short", "phase2_long", "phase3_capability", "sft", "rlhf"}
     for name in result["eval"]:
         scores = json.loads((work / "eval" / name / "scores.json").read_text())
         print(name, json.dumps({k: round(v, 1) for k, v in scores["metrics"].items() if k.count("/") <= 2}))
         assert (work / "eval" / name / "needle.png").is_file()
         assert len(scores["needle"]["grid"]) == 5 and len(scores["needle"]["grid"][0]) == 4
     assert "eval/tool_use/tool_math" in stage_metrics(where, "sft")
-    assert result["champion"]["version"] >= 1
+    assert result["champion"]["version"] >= 2  # the SFT and the RLHF model
+
+
+def test_rlhf_rounds_report_gold_proxy_and_hacking(tiny: tuple[Path, Where, dict[str, Any]]) -> None:
+    work, _, result = tiny
+    rounds = [json.loads((work / "rlhf" / f"round{r}" / "metrics.json").read_text())["metrics"] for r in (1, 2, 3)]
+    for r, metrics in enumerate(rounds, 1):
+        print(f"round {r}", {k: round(v, 3) for k, v in metrics.items() if "/" not in k})
+        assert -1 <= metrics["gold_reward"] <= 1 and 0 <= metrics["hacking_rate"] <= 1
+    assert rounds[-1]["kl"] > 0  # the policy moved away from the SFT model
+    assert (work / "rlhf" / "proxy_vs_gold.png").is_file() and result["rlhf"] == rounds[-1]

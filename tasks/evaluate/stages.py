@@ -198,7 +198,7 @@ def promote_champion(tracking_uri: str, model_name: str, checkpoint: str, run_id
     except MlflowException:
         current = None
     best = float(current.tags.get("eval_average", "nan")) if current is not None else None
-    promoted = best is None or best != best or score > best
+    promoted = best is None or best != best or round(score, 6) > best  # the tag holds 6 decimals: compare those
     if promoted:
         client.set_registered_model_alias(model_name, CHAMPION, version.version)
     log.info("%s version %s (eval/average %.2f): %s", model_name, version.version, score,
