@@ -35,7 +35,7 @@ run: setup
 	$(BIN)/lmforge run --preset $(PRESET)
 
 bench: setup
-	$(BIN)/python bench/model.py
+	$(BIN)/python bench/model_step.py
 
 lint: setup
 	$(BIN)/ruff check .
