@@ -2,7 +2,8 @@
 
 A base checkpoint gets knowledge, language, reasoning, coding and long-context sets; a chat checkpoint also tool use,
 and may be registered (the `champion` alias moves only on improvement). The eval sets are built from the cleaned
-corpus's held-out text unless a built folder is given.
+corpus's held-out text unless a built folder is given. The checkpoint may be a registry URI such as
+``models:/lmforge-chat@champion`` (the nightly schedule's): the flow resolves it to its checkpoint URL first.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from pydantic import BaseModel, Field
 from flows.params import Where, parent_run
 from infra import storage
 from infra.tracking import RunRef
-from tasks.evaluate.stages import champion_task, eval_data_task, evaluate_task
+from tasks.evaluate.stages import MODELS_SCHEME, champion_task, eval_data_task, evaluate_task, resolve_checkpoint
 from tasks.presets import pipeline_preset
 from tasks.stages import reuse_if_present
 
 
 class EvaluateParams(BaseModel):
-    checkpoint: str = Field(description="the checkpoint to evaluate (a phase's or SFT's final/ directory URL)")
+    checkpoint: str = Field(description="the checkpoint to evaluate (a phase's or SFT's final/ directory URL), or a "
+                                        "registered version: models:/lmforge-chat@champion")
     tokenizer: str = Field(description="tokenizer.json URL of that model")
     output: str = Field(description="where the scores, summary, heatmap and OpenCompass's work go")
     chat: bool = Field(False, description="a chat model: ChatML prompts, tool-use set, eligible for `champion`")
@@ -38,8 +40,17 @@ class EvaluateParams(BaseModel):
     parent_run: RunRef | None = Field(None, description="MLflow parent run (set by the pipeline flow)")
 
 
+def with_resolved_checkpoint(params: EvaluateParams) -> EvaluateParams:
+    """`params` with a ``models:/NAME@ALIAS`` checkpoint replaced by the URL that model version was registered with."""
+    if not params.checkpoint.startswith(MODELS_SCHEME):
+        return params
+    tracking = params.parent_run.tracking_uri if params.parent_run else params.where.tracking()
+    return params.model_copy(update={"checkpoint": resolve_checkpoint(tracking, params.checkpoint)})
+
+
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(params: EvaluateParams) -> dict[str, Any]:
+    params = with_resolved_checkpoint(params)
     plan = pipeline_preset(params.preset)
     with parent_run(params.where, f"eval-{params.title}", {"checkpoint": params.checkpoint},
                     params.parent_run) as parent:

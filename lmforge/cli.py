@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -240,7 +241,8 @@ def chat(
 
 @app.command("eval")
 def evaluate(
-    checkpoint: Annotated[str, typer.Argument(help="checkpoint to evaluate (a phase's or SFT's final/ directory)")],
+    checkpoint: Annotated[str, typer.Argument(help="checkpoint to evaluate (a phase's or SFT's final/ directory, "
+                                                   "or models:/NAME@ALIAS from the MLflow registry)")],
     tokenizer: Annotated[str, typer.Option(help="its tokenizer.json")],
     output: Annotated[str, typer.Option("--output", help="where scores, summary, heatmap and OpenCompass's work go")],
     chat: Annotated[bool, typer.Option(help="a chat model: ChatML prompts and the tool-use set")] = False,
@@ -321,6 +323,97 @@ def pretrain(
                             where=_where(None, None, tracking_uri))
     for phase in pretrain_flow(params):
         _show_result(phase["name"], {k: v for k, v in phase.items() if k != "losses"})
+
+
+StateDirOpt = Annotated[Path | None, typer.Option("--state-dir", help="pid files, logs, databases (default: "
+                                                                    "<LMFORGE_ROOT or ./.lmforge>/stack)")]
+
+
+def _state_dir(state_dir: Path | None) -> Path:
+    from infra.stack import default_state_dir
+
+    return (state_dir or default_state_dir()).absolute()
+
+
+@app.command("up")
+def up(
+    s3: Annotated[bool, typer.Option("--s3", help="also run moto's S3, for artifacts and LMFORGE_ROOT")] = False,
+    deploy: Annotated[bool, typer.Option(help="run `prefect deploy --all` for prefect.yaml's deployments")] = True,
+    state_dir: StateDirOpt = None,
+    prefect_port: Annotated[int, typer.Option(help="Prefect server (API and UI)")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow tracking server")] = 5000,
+    s3_port: Annotated[int, typer.Option(help="moto's S3 API (with --s3)")] = 5001,
+    bucket: Annotated[str, typer.Option(help="the bucket for artifacts and data (with --s3)")] = "lmforge",
+    mlflow_workers: Annotated[int, typer.Option(min=1, help="MLflow server worker processes")] = 2,
+    timeout: Annotated[float, typer.Option(min=1.0, help="seconds each server may take to become healthy")] = 180.0,
+) -> None:
+    """Start a local server stack on 127.0.0.1: Prefect server, MLflow server, a process worker (and moto's S3)."""
+    from infra.stack import StackConfig, StackError
+    from infra.stack import up as stack_up
+
+    try:
+        config = StackConfig(state_dir=_state_dir(state_dir), prefect_port=prefect_port, mlflow_port=mlflow_port,
+                             s3_port=s3_port, s3=s3, bucket=bucket, deploy=deploy, mlflow_workers=mlflow_workers,
+                             timeout=timeout)
+        state = stack_up(config, echo=_plain)
+    except StackError as exc:
+        _fail(exc)
+    _show_services(config.state_dir)
+    typer.echo(f"\nPrefect UI: http://127.0.0.1:{prefect_port}\nMLflow UI:  {config.mlflow_url}")
+    typer.echo(f"\nTo use the stack from a shell (or `source {config.state_dir / 'env.sh'}`):")
+    for key, value in state["env"].items():
+        typer.echo(f"export {key}={value}")
+    typer.echo("\n`lmforge status` shows it, `lmforge down` stops it.")
+
+
+@app.command("down")
+def down(state_dir: StateDirOpt = None) -> None:
+    """Stop the local stack that `lmforge up` started (reverse order) and forget it."""
+    from infra.stack import StackError
+    from infra.stack import down as stack_down
+
+    where = _state_dir(state_dir)
+    try:
+        stopped = stack_down(where, echo=_plain)
+    except StackError as exc:
+        _fail(exc)
+    console.print(f"stack under {where} stopped" if stopped else f"nothing running under {where}")
+
+
+@app.command("status")
+def status(state_dir: StateDirOpt = None) -> None:
+    """Each service of the local stack: pid, alive or not, URL."""
+    where = _state_dir(state_dir)
+    if not _show_services(where):
+        console.print(f"nothing running under {where} (no stack.json)")
+
+
+def _show_services(state_dir: Path) -> bool:
+    from infra.stack import StackError
+    from infra.stack import status as stack_status
+
+    try:
+        rows = stack_status(state_dir)
+    except StackError as exc:
+        _fail(exc)
+    if not rows:
+        return False
+    table = Table("service", "pid", "state", "url", title=f"lmforge stack ({escape(str(state_dir))})")
+    for service, alive in rows:
+        url = service.url or f"pool {service.extra.get('pool', '')}"
+        table.add_row(service.name, str(service.pid), "[green]alive" if alive else "[red]dead", url)
+    console.print(table)
+    console.print(f"logs: {escape(str(state_dir))}/<service>.log")
+    return True
+
+
+def _plain(message: str) -> None:
+    console.print(message, markup=False, highlight=False)
+
+
+def _fail(exc: Exception) -> NoReturn:
+    console.print(f"[red]error:[/red] {escape(str(exc))}")
+    raise typer.Exit(1) from exc
 
 
 def _check_preset(preset: str, lookup: Any) -> None:

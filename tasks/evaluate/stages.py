@@ -8,6 +8,8 @@
   on the evaluated model's own MLflow run when the caller names it (the phase's or SFT's child run), else on this
   stage's run; the summary CSV, scores JSON and the needle heatmap become artifacts and files under the output;
   a Prefect markdown artifact shows the table. Retries resume OpenCompass's run (same run id).
+- ``resolve_checkpoint``: a ``models:/NAME@ALIAS`` checkpoint (e.g. the nightly schedule's
+  ``models:/lmforge-chat@champion``) becomes the checkpoint URL that model version was registered with.
 - ``champion``: registers the evaluated chat model as a new version of the registered model and moves the alias
   ``champion`` to it only when its ``eval/average`` beats the current champion's.
 """
@@ -32,6 +34,7 @@ from tasks.stages import CACHE, IO_RETRIES
 log = get_logger(__name__)
 
 CHAMPION = "champion"
+MODELS_SCHEME = "models:/"
 
 
 def clean_text_docs(clean_url: str) -> Iterator[tuple[str, str, str]]:
@@ -178,6 +181,48 @@ def evaluate_task(
         except Exception as exc:  # outside a Prefect run there is nowhere to put it
             log.debug("no Prefect artifact: %s", exc)
     return {**result, "mlflow_run": target.run_id}
+
+
+def resolve_checkpoint(tracking_uri: str, checkpoint: str) -> str:
+    """The checkpoint URL behind a registry URI (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: the model
+    version's ``source``, which `promote_champion` sets to the checkpoint URL); any other string is returned as is."""
+    if not checkpoint.startswith(MODELS_SCHEME):
+        return checkpoint
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = _parse_models_uri(checkpoint)
+    client = MlflowClient(tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        raise ValueError(f"{checkpoint}: no registered model {name!r} in the MLflow registry at {tracking_uri} "
+                         f"(register one with `lmforge eval … --chat --register-as {name}`)") from exc
+    try:
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as exc:
+        what = f"alias {alias!r}" if alias else f"version {version}"
+        raise ValueError(f"{checkpoint}: registered model {name!r} has no {what} at {tracking_uri}") from exc
+    if not found.source or found.source.startswith(MODELS_SCHEME):
+        raise ValueError(f"{checkpoint}: version {found.version} of {name!r} has source {found.source!r}, "
+                         f"not a checkpoint URL")
+    log.info("%s is version %s of %s: %s", checkpoint, found.version, name, found.source)
+    return str(found.source)
+
+
+def _parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME@ALIAS`` → (NAME, ALIAS, None); ``models:/NAME/VERSION`` → (NAME, None, VERSION)."""
+    rest = uri[len(MODELS_SCHEME):].strip("/")
+    if "@" in rest:
+        name, _, alias = rest.partition("@")
+        if name and alias and "/" not in name:
+            return name, alias, None
+    else:
+        name, _, version = rest.partition("/")
+        if name and version.isdigit():
+            return name, None, version
+    raise ValueError(f"{uri!r}: expected models:/NAME@ALIAS (e.g. models:/lmforge-chat@{CHAMPION}) or "
+                     f"models:/NAME/VERSION")
 
 
 def promote_champion(tracking_uri: str, model_name: str, checkpoint: str, run_id: str, score: float) -> dict[str, Any]:
