@@ -4,21 +4,27 @@ Layout under a phase's ``out_url``::
 
     phase_spec.json           the spec and model config this directory belongs to (a different spec is refused)
     checkpoints/last.ckpt     the Lightning checkpoint to resume from (model, optimizer, scheduler, step, counters)
+    checkpoints/step=NNNNNNN.ckpt  the two newest periodic checkpoints (last.ckpt links to the newer one)
     final/                    lmforge native checkpoint (model.checkpoint.save_native) + phase_result.json
 
 A call with ``checkpoints/last.ckpt`` present resumes from it, data position included; a call with
-``final/phase_result.json`` present returns that result without training. For an ``s3://`` URL the checkpoints are
-written to a local staging directory and each one is mirrored to ``checkpoints/last.ckpt`` as it is saved.
+``final/phase_result.json`` present returns that result without training. A ``last.ckpt`` that does not load (truncated,
+torn) is renamed to ``*.corrupt`` and the newest loadable ``step=*.ckpt`` is resumed from instead, with a warning; with
+none left the phase starts over. For an ``s3://`` URL the checkpoints are written to a local staging directory and
+each one is mirrored to ``checkpoints/last.ckpt`` as it is saved (only that one: a remote phase has nothing to fall
+back to).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import tempfile
 import time
 import warnings
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +51,9 @@ log = get_logger(__name__)
 SPEC_FILE = "phase_spec.json"
 RESULT_FILE = "phase_result.json"
 LAST = "last.ckpt"
+STEP_CKPT = re.compile(r"step=(\d+)\.ckpt")  # ModelCheckpoint's names, see _trainer
+CORRUPT = ".corrupt"  # suffix of a checkpoint set aside because it does not load
+RESUME_KEYS = ("state_dict", "optimizer_states", "global_step")
 
 
 class PhaseSpec(BaseModel):
@@ -217,18 +226,92 @@ def _checkpoint_dir(out_url: str) -> Iterator[Path]:
 
 
 def _fetch_resume_checkpoint(out_url: str, ckpt_dir: Path) -> Path | None:
-    local = ckpt_dir / LAST
     if storage.is_local(storage.fs_for(out_url)[0]):
-        if local.is_symlink() and not local.exists():
-            raise ValueError(f"{local} links to a missing checkpoint; restore it or remove the link to start over")
-        return local if local.exists() else None
+        return _local_resume_checkpoint(ckpt_dir)
     remote = storage.join(out_url, "checkpoints", LAST)
     if not storage.exists(remote):
         return None
     fs, path = storage.fs_for(remote)
+    local = ckpt_dir / LAST
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     fs.get_file(path, str(local))  # into the private staging directory: nobody reads it half-written
-    return local
+    problem = checkpoint_problem(local)
+    if problem is None:
+        return local
+    fs.mv(path, path + CORRUPT)
+    local.unlink()  # only our staging copy of the file just set aside
+    log.warning("checkpoint %s is unusable (%s); kept as %s%s. A remote phase mirrors no older checkpoint, so it "
+                "starts over from its initial weights", remote, problem, remote, CORRUPT)
+    return None
+
+
+def _local_resume_checkpoint(ckpt_dir: Path) -> Path | None:
+    """``last.ckpt`` if it loads; else the newest loadable ``step=*.ckpt`` (relinked as ``last.ckpt``); else None."""
+    last = ckpt_dir / LAST
+    if last.is_symlink() and not last.exists():
+        raise ValueError(f"{last} links to a missing checkpoint; restore it or remove the link to start over")
+    if not last.exists():
+        return None
+    problem = checkpoint_problem(last)
+    if problem is None:
+        return last
+    named = f"{last} (-> {last.resolve().name})" if last.is_symlink() else str(last)
+    kept = _set_aside(last)
+    fallback = _newest_valid_step_checkpoint(ckpt_dir)
+    if fallback is None:
+        log.warning("checkpoint %s is unusable (%s); kept as %s. No valid step=*.ckpt is left in %s, so the phase "
+                    "starts over from its initial weights", named, problem, kept, ckpt_dir)
+        return None
+    last.symlink_to(fallback.name)  # relative, as ModelCheckpoint links it: a crash before the next save resumes here
+    log.warning("checkpoint %s is unusable (%s); kept as %s. Resuming from %s instead", named, problem, kept, fallback)
+    return last
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from, or None when it can.
+
+    Checks the zip directory (at the end of the file, so any truncation fails there), then loads with ``mmap=True``:
+    that reads the pickled structure and the keys a resume needs but maps the tensor bytes instead of reading them, so
+    the check costs the same for a 7B model as for the smoke one. A plain ``torch.load`` would catch no more: torch
+    verifies no checksum of tensor data, so a flipped bit inside a tensor passes either way.
+    """
+    if not zipfile.is_zipfile(path):
+        return "not a complete zip archive: truncated, or not written by torch.save"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # RuntimeError from the zip reader, UnpicklingError, EOFError, ... for a torn file
+        return f"{type(err).__name__}: {str(err).split('. ')[0]}"  # torch's messages run on for several sentences
+    missing = [key for key in RESUME_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
+    return f"no {', '.join(missing)} in it" if missing else None
+
+
+def _newest_valid_step_checkpoint(ckpt_dir: Path) -> Path | None:
+    for candidate in _step_checkpoints(ckpt_dir):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        log.warning("checkpoint %s is unusable too (%s); kept as %s", candidate, problem, _set_aside(candidate))
+    return None
+
+
+def _step_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The ``step=NNNNNNN.ckpt`` files, newest step first (by number, not by name or modification time)."""
+    found = [(int(m[1]), p) for p in ckpt_dir.glob("step=*.ckpt") if (m := STEP_CKPT.fullmatch(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename the bytes behind ``path`` (a link's target) to ``*.corrupt`` for inspection; drop a link to them."""
+    target = path.resolve()
+    kept = target.with_name(target.name + CORRUPT)
+    n = 0
+    while kept.exists():  # an earlier bad copy stays too
+        n += 1
+        kept = target.with_name(f"{target.name}{CORRUPT}.{n}")
+    target.rename(kept)
+    if path.is_symlink():
+        path.unlink()  # it pointed at the bytes just renamed
+    return kept
 
 
 def _init_from(module: PretrainModule, init_weights: str, spec: PhaseSpec) -> None:
@@ -272,7 +355,9 @@ def _trainer(
     runtime = detect_runtime(spec.precision, model_params=config.num_params(), wrap_modules=[Block])
     remote = not storage.is_local(storage.fs_for(out_url)[0])
     checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="step={step:07d}", save_top_k=1, save_last="link",
+        # The two newest step checkpoints ("step" is always among ModelCheckpoint's monitor candidates): one to fall
+        # back to when the newest turns out unreadable (see _local_resume_checkpoint).
+        dirpath=ckpt_dir, filename="step={step:07d}", monitor="step", mode="max", save_top_k=2, save_last="link",
         every_n_train_steps=spec.checkpoint_every, enable_version_counter=False, auto_insert_metric_name=False,
     )
     return L.Trainer(
