@@ -9,14 +9,29 @@ from urllib.parse import urlsplit
 from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from infra.secrets import RedactingFilter, has_password, redact_text
+
 ROOT_SCHEMES = ("", "file", "s3", "memory")
 REMOTE_TRACKING_DIR = "./.lmforge-tracking"  # where the MLflow sqlite file lives when the root is not on local disk
 
 
 def get_logger(name: str) -> logging.Logger:
-    """The one way lmforge code gets a logger: everything hangs under the `lmforge` logger."""
+    """The one way lmforge code gets a logger: everything hangs under the `lmforge` logger, and every line is
+    redacted (credentials masked) before any handler sees it."""
     short = name.removeprefix("lmforge.")
-    return logging.getLogger(f"lmforge.{short}")
+    logger = logging.getLogger(f"lmforge.{short}")
+    if not any(isinstance(f, RedactingFilter) for f in logger.filters):  # a logger's filters see only its own records
+        logger.addFilter(RedactingFilter())
+    return logger
+
+
+def reject_password(url: str, what: str) -> str:
+    """``url`` unchanged, or a ValueError when it embeds a password (which would then land in every record of it)."""
+    if has_password(url):
+        raise ValueError(f"{what}={redact_text(url)!r} embeds a password: pass credentials in environment variables "
+                         "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD "
+                         "or MLFLOW_TRACKING_TOKEN) or a Secret block (LMFORGE_S3_SECRET_BLOCK), not in the URL")
+    return url
 
 
 def root_scheme(root: str) -> str:
@@ -43,29 +58,36 @@ def default_tracking_uri(root: str) -> str:
 
 
 class Settings(BaseSettings):
-    """Where lmforge keeps its files, where it tracks runs, and which size preset it runs."""
+    """Where lmforge keeps its files, where it tracks runs, which size preset it runs, and which Prefect Secret block
+    holds the S3 keys when the environment has none (``infra.secrets.export_s3_credentials``)."""
 
-    model_config = SettingsConfigDict(env_prefix="LMFORGE_", extra="ignore")
+    # hide_input_in_errors: pydantic would otherwise print the rejected value (a URL with a password) in the error
+    model_config = SettingsConfigDict(env_prefix="LMFORGE_", extra="ignore", hide_input_in_errors=True)
 
     root: str = "./.lmforge"
     tracking_uri: str | None = None
     preset: str = "tiny"
+    s3_secret_block: str | None = None
 
     @field_validator("root")
     @classmethod
     def _check_root(cls, value: str) -> str:
-        value = value.strip()
+        value = reject_password(value.strip(), "LMFORGE_ROOT")
         if not value:
             raise ValueError("LMFORGE_ROOT is empty: expected a local path or a URL such as s3://bucket/prefix")
         scheme = root_scheme(value)
         if scheme not in ROOT_SCHEMES:
             allowed = ", ".join(f"{s}://" for s in ROOT_SCHEMES if s)
-            raise ValueError(
-                f"LMFORGE_ROOT={value!r} has unsupported scheme {scheme!r}: expected a local path or one of {allowed}"
-            )
+            raise ValueError(f"LMFORGE_ROOT={redact_text(value)!r} has unsupported scheme {scheme!r}: expected a local "
+                             f"path or one of {allowed}")
         if scheme and not value.split("://", 1)[1].strip("/"):
             raise ValueError(f"LMFORGE_ROOT={value!r} names no location after {scheme}://")
         return value
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _check_tracking_uri(cls, value: str | None) -> str | None:
+        return None if value is None else reject_password(value, "LMFORGE_TRACKING_URI")
 
     @field_validator("preset")
     @classmethod

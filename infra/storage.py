@@ -18,7 +18,8 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from infra.settings import get_logger
+from infra.secrets import S3_KEYS, export_s3_credentials, redact_text
+from infra.settings import get_logger, get_settings, reject_password, root_scheme
 
 log = get_logger(__name__)
 
@@ -40,15 +41,23 @@ _FILE_MODE = 0o666 & ~_read_umask()
 def _check_url(url: str) -> None:
     if not isinstance(url, str) or not url.strip():
         raise ValueError(f"storage URL {url!r} is empty: expected a local path or a URL such as s3://bucket/key")
+    reject_password(url, "storage URL")
+
+
+def _s3_credentials(url: str) -> None:
+    """Before the first S3 client exists: the keys from the Secret block, when one is named and the env has none."""
+    if root_scheme(url) in ("s3", "s3a") and not all(os.environ.get(k) for k in S3_KEYS[:2]):
+        export_s3_credentials(get_settings().s3_secret_block)
 
 
 def fs_for(url: str) -> tuple[AbstractFileSystem, str]:
     """The filesystem that serves `url` and the path within it (absolute for local paths)."""
     _check_url(url)
+    _s3_credentials(url)
     try:
         fs, path = fsspec.core.url_to_fs(url)
     except (ValueError, ImportError) as err:
-        raise ValueError(f"cannot open storage URL {url!r}: {err}") from err
+        raise ValueError(f"cannot open storage URL {url!r}: {redact_text(str(err))}") from err
     return fs, path
 
 

@@ -2,7 +2,8 @@
 
 Runs are addressed by id through ``MlflowClient`` — never MLflow's process-global "active run" — so stages running in
 Prefect worker threads, subprocesses or other machines log to the right run. ``NullTracker`` has the same methods and
-does nothing, so training code never branches on whether tracking is on.
+does nothing, so training code never branches on whether tracking is on. Params, tags and run names pass through
+``infra.secrets.redact`` on the way in: a credential that reaches them by mistake is stored masked.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from infra.secrets import redact
 from infra.settings import get_logger
 
 log = get_logger(__name__)
@@ -44,8 +46,12 @@ def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, Mapping):
             flat.update(_flatten(value, f"{name}."))
         else:
-            flat[name] = str(value)[:6000]
-    return flat
+            flat[name] = str(value)
+    return {key: value[:6000] for key, value in redact(flat).items()}  # redacted as text: str() of any object
+
+
+def _safe_tags(tags: Mapping[str, str] | None) -> dict[str, str]:
+    return {key: str(value) for key, value in redact(dict(tags or {})).items()}
 
 
 class Tracker:
@@ -60,12 +66,12 @@ class Tracker:
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
 
     def start_parent(self, run_name: str, tags: Mapping[str, str] | None = None) -> RunRef:
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
+        run = self.client.create_run(self.experiment_id, run_name=redact(run_name), tags=_safe_tags(tags))
         return RunRef(self.tracking_uri, run.info.run_id)
 
     def start_child(self, parent: RunRef, stage: str, tags: Mapping[str, str] | None = None) -> RunRef:
         all_tags = {STAGE_TAG: stage, **({PARENT_TAG: parent.run_id} if parent.enabled else {}), **dict(tags or {})}
-        run = self.client.create_run(self.experiment_id, run_name=stage, tags=all_tags)
+        run = self.client.create_run(self.experiment_id, run_name=redact(stage), tags=_safe_tags(all_tags))
         return RunRef(self.tracking_uri, run.info.run_id)
 
     def log_params(self, ref: RunRef, params: Mapping[str, Any]) -> None:
@@ -84,7 +90,7 @@ class Tracker:
             self.client.log_batch(ref.run_id, metrics=rows)
 
     def set_tags(self, ref: RunRef, tags: Mapping[str, str]) -> None:
-        for key, value in tags.items():
+        for key, value in _safe_tags(tags).items():
             self.client.set_tag(ref.run_id, key, value)
 
     def log_artifact(self, ref: RunRef, path: str | Path, artifact_path: str | None = None) -> None:
