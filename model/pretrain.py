@@ -15,7 +15,8 @@ Where we depart or fill a gap:
 - Gradient accumulation: Lightning divides each micro-batch's mean token loss by the number of micro-batches, so the
   step's gradient (and the logged ``train/loss``) is a mean of per-micro-batch means; InternEvo averages over every
   token of the step instead. They differ only when micro-batches hold different numbers of valid targets.
-- Batch size: the report's 4M-token batches are ``batch_size × accumulate × seq_len × devices`` here, set per phase.
+- Batch size: the report's 4M-token batches are ``batch_size × accumulate × seq_len × world_size`` here
+  (``batch_size`` per data-parallel rank), set per phase.
 - Data position on resume: the loader restarts at sample ``global_step × global batch`` (see :class:`PackedDataModule`);
   checkpoints are written at optimizer-step boundaries, so no sample is skipped or repeated.
 """

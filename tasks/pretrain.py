@@ -57,7 +57,14 @@ RESUME_KEYS = ("state_dict", "optimizer_states", "global_step")
 
 
 class PhaseSpec(BaseModel):
-    """One phase's schedule. ``batch_size`` is sequences per micro-batch; ``accumulate`` micro-batches per step."""
+    """One phase's schedule. ``batch_size`` is sequences per micro-batch over all ``devices``; ``accumulate``
+    micro-batches per step.
+
+    ``devices``: data-parallel processes (GPUs, or CPU processes over gloo) that split each micro-batch, each taking
+    ``batch_size / devices`` sequences, so a step trains on ``batch_size × accumulate`` sequences in the same order
+    whatever ``devices`` is (the loss is a mean of per-device means, as with ``accumulate``). It says where the phase
+    runs, not what it trains, so it is no part of the identity that ``check_phase_dir`` compares.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -67,6 +74,7 @@ class PhaseSpec(BaseModel):
     max_steps: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     accumulate: int = Field(1, ge=1)
+    devices: int = Field(1, ge=1)
     lr: float = Field(3e-4, gt=0)
     warmup_steps: int = Field(0, ge=0)
     checkpoint_every: int = Field(100, ge=1)
@@ -75,10 +83,15 @@ class PhaseSpec(BaseModel):
     packing_masks: bool = True
 
     @model_validator(mode="after")
-    def _check_warmup(self) -> PhaseSpec:
+    def _check(self) -> PhaseSpec:
         if self.warmup_steps > self.max_steps:
             raise ValueError(
                 f"phase {self.name!r}: warmup_steps={self.warmup_steps} exceeds max_steps={self.max_steps}"
+            )
+        if self.batch_size % self.devices:
+            raise ValueError(
+                f"phase {self.name!r}: batch_size={self.batch_size} does not divide over devices={self.devices}; "
+                "batch_size is the micro-batch over all devices, so make it a multiple of devices"
             )
         return self
 
@@ -125,7 +138,7 @@ def run_phase(
     params and per-step metrics (Lightning's MLFlowLogger marks it FINISHED, or FAILED, at the end).
     """
     config = phase_model_config(spec, model_config)
-    identity = {"spec": spec.model_dump(), "model_config": config.to_dict()}
+    identity = {"spec": spec.model_dump(exclude={"devices"}), "model_config": config.to_dict()}
     check_phase_dir(out_url, identity, spec.name)
     stored = completed_result(out_url)
     if stored is not None:
@@ -151,7 +164,7 @@ def _train(
     if init_weights is not None and resume is None:
         _init_from(module, init_weights, spec)
     trainer = _trainer(spec, config, optim.grad_clip, ckpt_dir, out_url, mlflow, callbacks)
-    data = PackedDataModule(dataset, spec.batch_size, spec.accumulate, seed=spec.seed)
+    data = PackedDataModule(dataset, spec.batch_size // spec.devices, spec.accumulate, seed=spec.seed)  # per rank
     start = time.perf_counter()
     with warnings.catch_warnings():
         # Both are how a resume here is meant to look: same directory again, or a fresh staging copy of it.
@@ -352,7 +365,8 @@ def _trainer(
     spec: PhaseSpec, config: ModelConfig, grad_clip: float, ckpt_dir: Path, out_url: str,
     mlflow: tuple[str, str] | None, callbacks: list[Callback] | None,
 ) -> L.Trainer:
-    runtime = detect_runtime(spec.precision, model_params=config.num_params(), wrap_modules=[Block])
+    runtime = detect_runtime(spec.precision, devices=spec.devices, model_params=config.num_params(),
+                             wrap_modules=[Block])
     remote = not storage.is_local(storage.fs_for(out_url)[0])
     checkpoint = ModelCheckpoint(
         # The two newest step checkpoints ("step" is always among ModelCheckpoint's monitor candidates): one to fall

@@ -214,6 +214,10 @@ def test_runtime_shards_paper_size_models_over_several_gpus(monkeypatch: pytest.
     big = detect_runtime(model_params=get_preset("internlm2-7b").num_params(), devices=None, wrap_modules=[Block])
     assert (big.accelerator, big.devices, big.precision) == ("cuda", 4, "bf16-mixed")
     assert isinstance(big.strategy, FSDPStrategy)
+    # Each decoder block is one FSDP unit and recomputes its activations in backward (Lightning keeps the latter
+    # policy only in a private attribute).
+    assert big.strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
+    assert big.strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Block}
     assert detect_runtime(model_params=SMOKE.num_params(), devices=2).strategy == "ddp"
     assert detect_runtime(model_params=get_preset("internlm2-7b").num_params()).strategy == "auto"  # one GPU
     with pytest.raises(ValueError, match="devices=8 requested, but 4 GPU"):
