@@ -303,15 +303,6 @@ def read_jsonl(url: str) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------- one whole round
 
 
-def _load_pairs(url: str | None) -> list[PreferencePair]:
-    return [PreferencePair.model_validate(row) for row in read_jsonl(url)] if url and storage.exists(url) else []
-
-
-def _write_pairs(pairs: Sequence[PreferencePair], url: str) -> str:
-    write_jsonl([p.to_json() for p in pairs], url)
-    return url
-
-
 def fast_path(rm: RewardModel, tokenizer: Tokenizer, samples: Sequence[dict[str, Any]],
               records: dict[str, dict[str, Any]], replay: Sequence[PreferencePair], cfg: RLHFConfig, seed: int,
               mlflow: tuple[str, str] | None = None) -> tuple[RewardModel, list[PreferencePair], dict[str, Any]]:
