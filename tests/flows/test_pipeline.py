@@ -152,21 +152,6 @@ def test_empty_corpus_fails_clearly(prefect_server: None, tmp_path: Path) -> Non
         state.result()
 
 
-@pytest.mark.integration
-def test_pipeline_on_s3(prefect_server: None, s3_bucket: str, tmp_path: Path) -> None:
-    where = Where(root=f"{s3_bucket}/lmforge", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    state = run_smoke(where)
-    assert state.is_completed(), state.message
-    work = state.result()["workdir"]
-    assert work.startswith("s3://")
-    assert storage.list_files(storage.join(work, "tokens"), "*.tokens.npy")
-    for phase in ("phase1_short", "phase2_long", "phase3_capability"):
-        assert storage.exists(storage.join(work, "pretrain", phase, "checkpoints", "last.ckpt"))
-        assert storage.exists(storage.join(work, "pretrain", phase, "final", "model.safetensors"))
-    assert storage.exists(storage.join(work, "export", "hf", "model.safetensors"))
-    assert storage.exists(storage.join(work, "export", "hf", "tokenizer.json"))
-
-
 def test_prefect_artifacts_for_a_person_to_read(smoke_run: tuple[Where, Any]) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey

@@ -20,6 +20,14 @@ from infra import stack
 
 REPO = Path(__file__).resolve().parents[2]
 SERVERS = ("moto", "prefect", "mlflow")
+SMOKE_TIMEOUT = 900  # seconds for the smoke pipeline through the worker (≈ 2.5 min on a shared 2-core box)
+# The MLflow child runs of one smoke pipeline run, by their `lmforge.stage` tag (tests/flows/test_pipeline.py's list).
+SMOKE_STAGES = {
+    "corpus", "data/text", "data/code", "tokenizer", "tokenize", "pretrain/phase1_short", "data/longtext",
+    "pretrain/phase2_long", "data/capability-mix", "pretrain/phase3_capability", "sft/data", "sft", "export",
+    "eval/data", "eval/phase1_short", "eval/phase2_long", "eval/phase3_capability", "eval/sft", "rlhf/data",
+    "rlhf/reward_model", "rlhf/round1", "rlhf/round2", "eval/rlhf"}
+PHASES = ("phase1_short", "phase2_long", "phase3_capability")
 
 
 def _free_port() -> int:
@@ -83,6 +91,67 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         stack.down(state_dir)
 
 
+def _config(up: dict[str, Any]) -> stack.StackConfig:
+    ports = up["ports"]
+    return stack.StackConfig(state_dir=up["state_dir"], prefect_port=ports["prefect"], mlflow_port=ports["mlflow"],
+                             s3_port=ports["moto"], s3=True)
+
+
+def _s3(up: dict[str, Any]) -> Any:
+    """boto3 on the stack's moto, with moto's dummy keys (the test session exports none)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{up['ports']['moto']}", region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def _keys(up: dict[str, Any], prefix: str) -> set[str]:
+    pages = _s3(up).get_paginator("list_objects_v2").paginate(Bucket="lmforge", Prefix=prefix)
+    return {o["Key"] for page in pages for o in page.get("Contents", [])}
+
+
+@pytest.fixture(scope="module")
+def deployed(up: dict[str, Any]) -> stack.StackConfig:
+    """prefect.yaml's deployments on the stack, deployed once as `lmforge up` (without --no-deploy) would."""
+    config = _config(up)
+    stack.deploy(config)
+    return config
+
+
+@pytest.fixture(scope="module")
+def smoke_run(up: dict[str, Any], deployed: stack.StackConfig) -> Any:
+    """The `pipeline` deployment with the smoke preset, run by the stack's worker in a subprocess; the final flow run.
+
+    Only the preset is passed: the root (the moto bucket) and the MLflow server come from the worker's environment,
+    which is what `lmforge up` promises a user who runs `prefect deployment run`."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: deployed.prefect_api}):
+        return run_deployment("pipeline/pipeline", parameters={"params": {"preset": "smoke"}}, timeout=SMOKE_TIMEOUT,
+                              poll_interval=5)
+
+
+def _completed(up: dict[str, Any], flow_run: Any) -> None:
+    """The flow run finished COMPLETED; else fail with its state and the worker's log, where the traceback is."""
+    worker_log = up["state_dir"] / "worker.log"
+    assert flow_run.state is not None and flow_run.state.is_completed(), (
+        f"{flow_run.state}\n{stack.log_tail(str(worker_log), 60)}")
+
+
+def _smoke_tree(up: dict[str, Any], flow_run: Any) -> tuple[Any, Any, list[Any]]:
+    """An MLflow client on the stack's server, the smoke run's parent run (found by its Prefect flow-run tag) and the
+    runs that name it as their parent."""
+    from mlflow import MlflowClient
+
+    _completed(up, flow_run)
+    client = MlflowClient(up["state"]["env"]["LMFORGE_TRACKING_URI"])
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    [parent] = client.search_runs(experiments, f"tags.`prefect.flow_run_id` = '{flow_run.id}'")
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return client, parent, children
+
+
 def test_config_rejects_clashing_ports(tmp_path: Path) -> None:
     with pytest.raises(stack.StackError, match="distinct ports"):
         stack.StackConfig(state_dir=tmp_path, prefect_port=5000, mlflow_port=5000)
@@ -126,7 +195,6 @@ def test_worker_polls_the_process_pool(up: dict[str, Any]) -> None:
 
 @pytest.mark.integration
 def test_mlflow_artifacts_land_in_the_moto_bucket(up: dict[str, Any], tmp_path: Path) -> None:
-    import boto3
     from mlflow import MlflowClient
 
     client = MlflowClient(up["state"]["env"]["LMFORGE_TRACKING_URI"])
@@ -134,18 +202,14 @@ def test_mlflow_artifacts_land_in_the_moto_bucket(up: dict[str, Any], tmp_path: 
     client.log_metric(run.info.run_id, "loss", 1.5)
     (tmp_path / "note.txt").write_text("through the server")
     client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))  # the client holds no S3 keys: the server proxies
-    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{up['ports']['moto']}", region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="lmforge").get("Contents", [])]
-    assert f"mlflow/{run.info.experiment_id}/{run.info.run_id}/artifacts/note.txt" in keys
+    keys = _keys(up, f"mlflow/{run.info.experiment_id}/{run.info.run_id}/")
+    assert keys == {f"mlflow/{run.info.experiment_id}/{run.info.run_id}/artifacts/note.txt"}
     assert client.get_run(run.info.run_id).data.metrics == {"loss": 1.5}
 
 
 @pytest.mark.integration
-def test_deploy_registers_every_deployment(up: dict[str, Any]) -> None:
-    config = stack.StackConfig(state_dir=up["state_dir"], prefect_port=up["ports"]["prefect"],
-                               mlflow_port=up["ports"]["mlflow"], s3_port=up["ports"]["moto"], s3=True)
-    stack.deploy(config)
+def test_deploy_registers_every_deployment(deployed: stack.StackConfig) -> None:
+    config = deployed
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     with prefect_client(config.prefect_api) as client:
         deployments = client.read_deployments()
@@ -160,6 +224,109 @@ def test_deploy_registers_every_deployment(up: dict[str, Any]) -> None:
               for v in _strings(sch.get("parameters")) if root in v}
     deployed = {v for d in deployments for sch in d.schedules for v in _strings(sch.parameters)}
     assert wanted <= deployed and not any("LMFORGE_ROOT" in v for v in deployed)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(SMOKE_TIMEOUT + 300)
+def test_smoke_pipeline_deployment_completes_on_the_worker(up: dict[str, Any], smoke_run: Any) -> None:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    _completed(up, smoke_run)
+    assert smoke_run.parameters == {"params": {"preset": "smoke"}} and smoke_run.work_pool_name == stack.POOL
+    with prefect_client(up["state"]["env"]["PREFECT_API_URL"]) as client:
+        assert client.read_deployment(smoke_run.deployment_id).name == "pipeline"
+        subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[smoke_run.id])))
+        names = sorted(client.read_flow(f.flow_id).name for f in subflows)
+    # each stage's flow ran as a subflow of the deployment's run: three pretraining calls, five evaluations
+    assert names == ["data", "evaluate", "evaluate", "evaluate", "evaluate", "evaluate", "longtext", "pretrain",
+                     "pretrain", "pretrain", "rlhf", "sft"]
+    assert {f.state.type.value for f in subflows} == {"COMPLETED"}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(SMOKE_TIMEOUT + 300)
+def test_smoke_run_tree_on_the_stacks_mlflow(up: dict[str, Any], smoke_run: Any) -> None:
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
+
+    _, parent, children = _smoke_tree(up, smoke_run)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "pipeline-smoke"
+    assert parent.data.tags["preset"] == "smoke" and parent.data.tags["root"] == "s3://lmforge/lmforge/smoke"
+    assert parent.info.artifact_uri.startswith("mlflow-artifacts:/")  # proxied by the server: the worker has no path
+    stages = [c.data.tags["lmforge.stage"] for c in children]
+    assert set(stages) == SMOKE_STAGES and len(stages) == len(SMOKE_STAGES) + 2  # tokenize: corpus, long, mix
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert {c.info.experiment_id for c in children} == {parent.info.experiment_id}
+    by_stage = {c.data.tags["lmforge.stage"]: c for c in children}
+    checkpoints = {p: by_stage[f"pretrain/{p}"].data.tags["lmforge.checkpoint"] for p in PHASES}
+    assert checkpoints == {p: f"s3://lmforge/lmforge/smoke/pretrain/{p}/final" for p in PHASES}
+    wanted = {f"final_loss/{name}" for name in (*PHASES, "sft")} | {
+        f"{name}/eval/average" for name in (*PHASES, "sft", "rlhf")}
+    assert wanted <= set(parent.data.metrics)
+    # every child names the Prefect task run that logged it: the same runs, COMPLETED, on the stack's Prefect server
+    task_ids = {c.data.tags["prefect.task_run_id"] for c in children}
+    with prefect_client(up["state"]["env"]["PREFECT_API_URL"]) as client:
+        task_runs = client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=list(task_ids))))
+    assert {str(t.id) for t in task_runs} == task_ids and {t.state.type.value for t in task_runs} == {"COMPLETED"}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(SMOKE_TIMEOUT + 300)
+def test_smoke_run_registers_the_chat_model_and_its_champion(up: dict[str, Any], smoke_run: Any) -> None:
+    client, _, children = _smoke_tree(up, smoke_run)
+    by_stage = {c.data.tags["lmforge.stage"]: c for c in children}
+    sft, rlhf = by_stage["sft"], by_stage["rlhf/round2"]
+    versions = {v.version: (v.run_id, v.source) for v in client.search_model_versions("name = 'lmforge-chat'")}
+    assert versions == {"1": (sft.info.run_id, "s3://lmforge/lmforge/smoke/sft/train/final"),
+                        "2": (rlhf.info.run_id, "s3://lmforge/lmforge/smoke/rlhf/round2/actor")}
+    # the RLHF model takes `champion` from the SFT model only by a better OpenCompass average
+    best = "2" if rlhf.data.metrics["eval/average"] > sft.data.metrics["eval/average"] else "1"
+    assert client.get_model_version_by_alias("lmforge-chat", "champion").version == best
+    assert client.get_registered_model("lmforge-chat").aliases == {"champion": best}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(SMOKE_TIMEOUT + 300)
+def test_smoke_run_writes_every_stage_to_the_bucket(up: dict[str, Any], smoke_run: Any) -> None:
+    _, parent, children = _smoke_tree(up, smoke_run)
+    work = "lmforge/smoke"
+    wanted = {
+        "corpus/manifest.json", "clean/ledger.json", "clean/code_ledger.json", "clean/text/shard-00000.jsonl",
+        "clean/removed/shard-00000.parquet", "clean/quarantine/shard-00000.jsonl", "clean/code/repos-00000.jsonl",
+        "tokenizer/tokenizer.json", "tokens/manifest.json", "tokens/text-shard-00000.tokens.npy",
+        "tokens/text-shard-00000.offsets.npy", "tokens/code-repos-00000.tokens.npy", "longtext/ledger.json",
+        "longtext/tokens/manifest.json", "capability/composition.json", "capability/tokens/manifest.json",
+        "sft/data/train.jsonl", "sft/train/eval.json", "sft/train/final/model.safetensors",
+        "rlhf/rm0/model.safetensors", "rlhf/round1/actor/model.safetensors", "rlhf/round2/actor/model.safetensors",
+        "rlhf/proxy_vs_gold.png", "export/hf/config.json", "export/hf/model.safetensors", "export/hf/tokenizer.json",
+        *(f"pretrain/{p}/{f}" for p in PHASES
+          for f in ("checkpoints/last.ckpt", "final/model.safetensors", "final/phase_result.json")),
+        *(f"eval/{name}/{f}" for name in (*PHASES, "sft", "rlhf") for f in ("scores.json", "summary.csv")),
+    }
+    keys = _keys(up, f"{work}/")
+    assert {f"{work}/{k}" for k in wanted} <= keys, sorted({f"{work}/{k}" for k in wanted} - keys)
+    s3 = _s3(up)
+
+    def read(key: str) -> bytes:
+        return s3.get_object(Bucket="lmforge", Key=key)["Body"].read()
+
+    # what the bucket holds is what MLflow recorded: phase 1's final loss, and the export logged as the run's artifact
+    phase1 = json.loads(read(f"{work}/pretrain/phase1_short/final/phase_result.json"))
+    assert parent.data.metrics["final_loss/phase1_short"] == pytest.approx(phase1["final_loss"])
+    by_stage = {c.data.tags["lmforge.stage"]: c for c in children}
+    exp = parent.info.experiment_id
+    export = f"mlflow/{exp}/{by_stage['export'].info.run_id}/artifacts/hf"
+    assert read(f"{export}/config.json") == read(f"{work}/export/hf/config.json")
+    sizes = [s3.head_object(Bucket="lmforge", Key=k)["ContentLength"]
+             for k in (f"{export}/model.safetensors", f"{work}/export/hf/model.safetensors")]
+    assert sizes[0] == sizes[1] > 0
+    scores = f"mlflow/{exp}/{by_stage['eval/sft'].info.run_id}/artifacts/eval/scores.json"
+    assert read(scores) == read(f"{work}/eval/sft/scores.json")
+    # the MLflow server stored the other stages' artifacts (plots, the tokenizer) in the bucket too
+    logged = {f"mlflow/{exp}/{run.info.run_id}/artifacts/{path}" for run, path in (
+        (by_stage["tokenizer"], "tokenizer/tokenizer.json"), (by_stage["data/text"], "plots/funnel.png"),
+        (by_stage["pretrain/phase1_short"], "plots/loss.png"), (parent, "rlhf/proxy_vs_gold.png"))}
+    assert logged <= _keys(up, f"mlflow/{exp}/")
 
 
 @pytest.mark.integration
