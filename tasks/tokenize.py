@@ -293,13 +293,21 @@ def load_token_manifest(manifest_url: str) -> TokenManifest:
 
 
 def _fetch(url: str, local: Path) -> Path:
-    """Copy ``url`` to ``local`` unless a file of the same size is already there."""
+    """Copy ``url`` to ``local`` unless the copy there came from the same object.
+
+    The object's identity is fsspec's ``ukey`` (the ETag on S3), kept beside the copy in ``<local>.ukey``: a size match
+    alone would take a rewritten object of the same length (another run writing the same URL) for the cached one.
+    """
     fs, path = storage.fs_for(url)
-    if local.is_file() and local.stat().st_size == fs.size(path):
+    ukey = str(fs.ukey(path))
+    marker = local.with_name(local.name + ".ukey")
+    if local.is_file() and marker.is_file() and marker.read_text() == ukey:
         return local
+    marker.unlink(missing_ok=True)  # the copy is replaced below; a crash before the new marker means a re-fetch
     with fs.open(path, "rb") as src, storage.atomic_write(str(local)) as dst:
         while block := src.read(8 << 20):
             dst.write(block)
+    marker.write_text(ukey)
     log.info("fetched %s -> %s", url, local)
     return local
 
@@ -308,7 +316,8 @@ def local_shards(manifest_url: str, cache_dir: Path) -> list[tuple[Path, Path]]:
     """(tokens, offsets) local paths of every shard a token manifest lists, for `DocumentStore.from_shards`.
 
     Local manifests are read in place (nothing copied); remote shards are downloaded into ``cache_dir`` once and
-    reused while their size matches. One cache directory per token set: names are not namespaced.
+    reused while the object they came from is unchanged (its ``ukey``, the ETag on S3). One cache directory per token
+    set: names are not namespaced.
     """
     manifest = load_token_manifest(manifest_url)
     base = manifest_url.rsplit("/", 1)[0] if "/" in manifest_url else "."

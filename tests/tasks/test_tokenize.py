@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -174,10 +175,21 @@ def test_s3_round_trip(
     cache = tmp_path / "cache"
     store, docs = _decoded_docs(token_manifest_url(root), cache)
     assert docs == _decoded_docs(token_manifest_url(tokenized), Path("unused"))[1]
-    stamps = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
+    stamps = {p: p.stat().st_mtime_ns for p in cache.glob("*.npy")}
     assert len(stamps) == 2 * len(manifest.shards)
-    local_shards(token_manifest_url(root), cache)  # same sizes already cached: nothing fetched again
-    assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps
+    local_shards(token_manifest_url(root), cache)  # the same objects already cached: nothing fetched again
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*.npy")} == stamps
+
+    # Another run rewrites one shard with different tokens of the same length: the stale copy is not reused.
+    shard = manifest.shards[0]
+    url = f"{root}/tokens/{shard.tokens}"
+    tokens = np.load(io.BytesIO(storage.read_bytes(url)))
+    changed = io.BytesIO()
+    np.save(changed, (tokens + 1).astype(tokens.dtype))
+    assert len(changed.getvalue()) == len(storage.read_bytes(url))
+    storage.write_bytes(url, changed.getvalue())
+    tokens_path, _ = local_shards(token_manifest_url(root), cache)[0]
+    assert np.array_equal(np.load(tokens_path), tokens + 1)
 
 
 def test_local_manifest_is_read_in_place(tokenized: str, tmp_path: Path) -> None:
