@@ -17,10 +17,17 @@ log = get_logger(__name__)
 
 
 @contextmanager
-def stage_run(parent: RunRef, stage: str, params: Mapping[str, Any]) -> Iterator[tuple[Tracker | NullTracker, RunRef]]:
-    """A child run of ``parent`` for one stage, ended FINISHED or FAILED with the stage."""
+def stage_run(
+    parent: RunRef, stage: str, params: Mapping[str, Any], output: str | None = None
+) -> Iterator[tuple[Tracker | NullTracker, RunRef]]:
+    """A child run of ``parent`` for one stage, ended FINISHED or FAILED with the stage.
+
+    ``output``: the URL the stage writes. An earlier attempt of the same stage and output whose process died (kill -9,
+    a lost machine) left its run RUNNING; opening this one marks it KILLED and crashed, and tags this run as resuming
+    it (`infra.tracking.Tracker.close_crashed`). Without ``output`` only attempts under the same parent are matched.
+    """
     tracker = tracker_for(parent)
-    ref = tracker.start_child(parent, stage, tags={"prefect.task_run_id": _task_run_id()})
+    ref = tracker.start_child(parent, stage, tags={"prefect.task_run_id": _task_run_id()}, output=output)
     tracker.log_params(ref, params)
     try:
         yield tracker, ref

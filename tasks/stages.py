@@ -104,7 +104,7 @@ def phase_task(
                          f"vocab_size={config.vocab_size}; tokenize with the preset's tokenizer")
     params = {"phase": spec.model_dump() if hasattr(spec, "model_dump") else vars(spec), "model": model_config,
               "mix": mix, "init": init or "random"}
-    with stage_run(parent, f"pretrain/{spec.name}", params) as (tracker, ref):
+    with stage_run(parent, f"pretrain/{spec.name}", params, output=out_url) as (tracker, ref):
         shards = local_shards(tokens_manifest, _cache_dir(tokens_manifest))
         doc_ids, shares = phase_documents(tokens_manifest, shards, spec, mix)
         tracker.log_metrics(ref, shares)
@@ -357,7 +357,7 @@ def sft_task(
     docs = corpus_docs(clean_url)
     tools = plugin_table(docs)
     params = {"data": data_url, "base": base_url, "spec": spec.model_dump(), "eval": eval_cfg.model_dump()}
-    with stage_run(parent, "sft", params) as (tracker, ref):
+    with stage_run(parent, "sft", params, output=out_url) as (tracker, ref):
         train, bad = read_chats(storage.join(data_url, "train.jsonl"), sorted(tools))
         held, bad_held = read_chats(storage.join(data_url, "held_out.jsonl"), sorted(tools))
         storage.write_text(storage.join(out_url, "quarantine.jsonl"),

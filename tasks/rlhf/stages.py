@@ -46,7 +46,7 @@ def rlhf_data_task(inputs: RLHFInputs, cfg: RLHFConfig, out_url: str, parent: Ru
 def reward_model_task(inputs: RLHFInputs, cfg: RLHFConfig, data_url: str, out_url: str, ablation: bool,
                       parent: RunRef) -> dict[str, Any]:
     """The conditional reward model from the SFT model; per-domain accuracy; the unconditional ablation."""
-    with stage_run(parent, "rlhf/reward_model", cfg.reward.model_dump()) as (tracker, ref):
+    with stage_run(parent, "rlhf/reward_model", cfg.reward.model_dump(), output=out_url) as (tracker, ref):
         report = initial_reward_model(inputs, cfg, data_url, out_url, ablation=ablation, mlflow=_mlflow(ref))
         metrics = dict(report["metrics"])
         for name, result in report.get("ablation", {}).items():
@@ -64,7 +64,7 @@ def round_task(inputs: RLHFInputs, cfg: RLHFConfig, round_index: int, data_url: 
     """One online round: PPO, held-out gold/proxy/KL/hacking, the fast path, the slow path (lagging one round)."""
     params = {"round": round_index, "fast_path": cfg.fast_path, "slow_path": cfg.slow_path,
               "ppo": cfg.ppo_config(round_index).to_dict(), "steps": cfg.steps_per_round}
-    with stage_run(parent, f"rlhf/round{round_index}", params) as (tracker, ref):
+    with stage_run(parent, f"rlhf/round{round_index}", params, output=out_url) as (tracker, ref):
         result = run_round(inputs, cfg, round_index, data_url, rm0_url, previous, out_url, mlflow=_mlflow(ref))
         fast = result["reward_updates"].get("fast", {})
         tracker.log_metrics(ref, {**{f"round/{k}": v for k, v in _numbers(result["metrics"]).items()},
