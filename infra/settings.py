@@ -6,7 +6,7 @@ import logging
 import os
 from urllib.parse import urlsplit
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra.secrets import RedactingFilter, has_password, redact_text
@@ -58,8 +58,15 @@ def default_tracking_uri(root: str) -> str:
 
 
 class Settings(BaseSettings):
-    """Where lmforge keeps its files, where it tracks runs, which size preset it runs, and which Prefect Secret block
-    holds the S3 keys when the environment has none (``infra.secrets.export_s3_credentials``)."""
+    """Where lmforge keeps its files, where it tracks runs, which size preset it runs, which Prefect Secret block
+    holds the S3 keys when the environment has none (``infra.secrets.export_s3_credentials``), and how hard storage
+    operations on an object store try before giving up (``infra.storage``).
+
+    ``storage_attempts`` tries of each operation, ``storage_retry_delay`` seconds before the first retry, doubling
+    after each (capped at 30 s); only connection errors, timeouts and 5xx answers are retried. Inside each try the S3
+    client makes up to ``storage_client_attempts`` requests of its own (botocore's "standard" retries) and waits up to
+    ``storage_connect_timeout`` seconds for a connection. Tests set all four low so an unreachable store fails fast.
+    """
 
     # hide_input_in_errors: pydantic would otherwise print the rejected value (a URL with a password) in the error
     model_config = SettingsConfigDict(env_prefix="LMFORGE_", extra="ignore", hide_input_in_errors=True)
@@ -68,6 +75,10 @@ class Settings(BaseSettings):
     tracking_uri: str | None = None
     preset: str = "tiny"
     s3_secret_block: str | None = None
+    storage_attempts: int = Field(5, ge=1)
+    storage_retry_delay: float = Field(1.0, ge=0)
+    storage_client_attempts: int = Field(3, ge=1)
+    storage_connect_timeout: float = Field(10.0, gt=0)
 
     @field_validator("root")
     @classmethod

@@ -9,31 +9,44 @@ Layout under a phase's ``out_url``::
 
 A call with ``checkpoints/last.ckpt`` present resumes from it, data position included; a call with
 ``final/phase_result.json`` present returns that result without training. A ``last.ckpt`` that does not load (truncated,
-torn) is renamed to ``*.corrupt`` and the newest loadable ``step=*.ckpt`` is resumed from instead, with a warning; with
-none left the phase starts over. For an ``s3://`` URL the checkpoints are written to a local staging directory and
-each one is mirrored to ``checkpoints/last.ckpt`` as it is saved (only that one: a remote phase has nothing to fall
-back to).
+torn), or that links to a step checkpoint never written (the run was killed while saving it), is set aside (renamed to
+``*.corrupt``; a dangling link is removed) and the newest loadable ``step=*.ckpt`` is resumed from instead, with a
+warning; with none left the phase starts over.
+
+Checkpoints are saved from a background thread by default (``PhaseSpec.async_checkpoints``): training goes on while
+one is written and uploaded; its tensors are copied first, so it holds the weights of the step it was taken at. A save
+that fails fails the phase (at the next save, or when the phase waits for its saves before writing ``final/``).
+
+Mirror: for an ``s3://`` (any non-local) ``out_url`` the checkpoints are written to a local staging directory and
+mirrored to ``out_url/checkpoints/``; a local phase given ``cold_url`` mirrors them to ``cold_url/checkpoints/``
+(plus ``cold_url/phase_spec.json``), so that ``cold_url`` can serve as the ``out_url`` of a rerun on another machine.
+The mirror holds what the local directory holds: each ``step=NNNNNNN.ckpt`` uploaded (atomically, from the saving
+thread) once it is written, removed when ModelCheckpoint drops it, and ``last.ckpt`` as a store-side copy of the
+newest (or the ``last.ckpt`` file itself, written at the end of a phase). A remote phase resumes from the mirror:
+``last.ckpt``, else the newest loadable ``step=*.ckpt``, setting unusable objects aside as ``*.corrupt`` just as a
+local phase does. A local phase resumes from its own directory only, never from ``cold_url``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
-import shutil
 import tempfile
 import time
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import Dataset
 
@@ -53,7 +66,9 @@ RESULT_FILE = "phase_result.json"
 LAST = "last.ckpt"
 STEP_CKPT = re.compile(r"step=(\d+)\.ckpt")  # ModelCheckpoint's names, see _trainer
 CORRUPT = ".corrupt"  # suffix of a checkpoint set aside because it does not load
+UNFINISHED = ".*.ckpt.*.tmp"  # storage.atomic_write's temporary files: a save killed mid-write leaves one
 RESUME_KEYS = ("state_dict", "optimizer_states", "global_step")
+NOT_IDENTITY = {"devices", "async_checkpoints"}  # PhaseSpec fields that say how a phase runs, not what it trains
 
 
 class PhaseSpec(BaseModel):
@@ -81,6 +96,7 @@ class PhaseSpec(BaseModel):
     seed: int = 1234
     precision: Literal["bf16-mixed", "32-true"] = "bf16-mixed"
     packing_masks: bool = True
+    async_checkpoints: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> PhaseSpec:
@@ -127,6 +143,7 @@ def run_phase(
     mlflow: tuple[str, str] | None = None,
     callbacks: list[Callback] | None = None,
     dataset: Dataset[Any] | None = None,
+    cold_url: str | None = None,
 ) -> PhaseResult:
     """Train one phase into ``out_url`` (resuming, or returning the stored result, as the layout above says).
 
@@ -135,11 +152,15 @@ def run_phase(
     The phase's model is ``model_config`` with ``rope_theta = spec.rope_theta`` and ``max_seq_len`` raised to
     ``spec.seq_len`` if shorter. ``init_weights``: a previous phase's native directory or ``.ckpt`` (local path or
     URL) to start from; ignored when resuming. ``mlflow``: ``(tracking_uri, run_id)`` of an existing run that receives
-    params and per-step metrics (Lightning's MLFlowLogger marks it FINISHED, or FAILED, at the end).
+    params and per-step metrics (Lightning's MLFlowLogger marks it FINISHED, or FAILED, at the end). ``cold_url``: where
+    a local phase mirrors its checkpoints (e.g. ``s3://bucket/prefix``; see the module docstring).
     """
     config = phase_model_config(spec, model_config)
-    identity = {"spec": spec.model_dump(exclude={"devices"}), "model_config": config.to_dict()}
-    check_phase_dir(out_url, identity, spec.name)
+    identity = {"spec": spec.model_dump(exclude=NOT_IDENTITY), "model_config": config.to_dict()}
+    mirror_root = _mirror_root(spec, out_url, cold_url)
+    roots = [out_url] if cold_url is None else [out_url, cold_url]  # both hold phase_spec.json
+    for root in roots:
+        check_phase_dir(root, identity, spec.name)
     stored = completed_result(out_url)
     if stored is not None:
         log.info("phase %s already finished at %s; returning the stored result", spec.name, out_url)
@@ -148,28 +169,43 @@ def run_phase(
     if init_weights is not None and not storage.exists(init_weights):
         raise ValueError(f"phase {spec.name!r}: init_weights {init_weights!r} does not exist; expected a previous "
                          "phase's final/ directory or a Lightning .ckpt")
-    storage.write_json(storage.join(out_url, SPEC_FILE), identity)
+    for root in roots:
+        storage.write_json(storage.join(root, SPEC_FILE), identity)
+    mirror = storage.join(mirror_root, "checkpoints") if mirror_root else None
     with _checkpoint_dir(out_url) as ckpt_dir:
-        return _train(spec, config, dataset, ckpt_dir, out_url, init_weights, mlflow, callbacks)
+        return _train(spec, config, dataset, ckpt_dir, out_url, mirror, init_weights, mlflow, callbacks)
+
+
+def _mirror_root(spec: PhaseSpec, out_url: str, cold_url: str | None) -> str | None:
+    """Where the checkpoints are mirrored: a remote ``out_url`` itself, else ``cold_url`` (None: nowhere)."""
+    remote = not storage.is_local(storage.fs_for(out_url)[0])
+    if cold_url is None:
+        return out_url if remote else None
+    if remote:
+        raise ValueError(f"phase {spec.name!r}: cold_url={cold_url!r} is for a local out_url; {out_url!r} is remote "
+                         "and holds the mirrored checkpoints itself")
+    if cold_url.rstrip("/") == out_url.rstrip("/"):
+        raise ValueError(f"phase {spec.name!r}: cold_url={cold_url!r} is out_url itself; expected another location")
+    return cold_url
 
 
 def _train(
-    spec: PhaseSpec, config: ModelConfig, dataset: Dataset[Any], ckpt_dir: Path, out_url: str,
+    spec: PhaseSpec, config: ModelConfig, dataset: Dataset[Any], ckpt_dir: Path, out_url: str, mirror: str | None,
     init_weights: str | None, mlflow: tuple[str, str] | None, callbacks: list[Callback] | None,
 ) -> PhaseResult:
-    resume = _fetch_resume_checkpoint(out_url, ckpt_dir)
+    resume = _fetch_resume_checkpoint(out_url, mirror, ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)  # ModelCheckpoint links last.ckpt in it before a background save ran
     L.seed_everything(spec.seed, workers=True)
     optim = OptimConfig(lr=spec.lr, warmup_steps=spec.warmup_steps, total_steps=spec.max_steps)
     module = PretrainModule(config, optim, packing_masks=spec.packing_masks)
     if init_weights is not None and resume is None:
         _init_from(module, init_weights, spec)
-    trainer = _trainer(spec, config, optim.grad_clip, ckpt_dir, out_url, mlflow, callbacks)
+    trainer = _trainer(spec, config, optim.grad_clip, ckpt_dir, mirror, mlflow, callbacks)
     data = PackedDataModule(dataset, spec.batch_size // spec.devices, spec.accumulate, seed=spec.seed)  # per rank
     start = time.perf_counter()
     with warnings.catch_warnings():
-        # Both are how a resume here is meant to look: same directory again, or a fresh staging copy of it.
+        # How a resume here is meant to look: the same directory again.
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-        warnings.filterwarnings("ignore", message="The dirpath has changed from")
         trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     seconds = time.perf_counter() - start
     last = _final_checkpoint(trainer, spec, ckpt_dir)
@@ -238,46 +274,78 @@ def _checkpoint_dir(out_url: str) -> Iterator[Path]:
         yield Path(tmp) / "checkpoints"
 
 
-def _fetch_resume_checkpoint(out_url: str, ckpt_dir: Path) -> Path | None:
-    if storage.is_local(storage.fs_for(out_url)[0]):
+def _fetch_resume_checkpoint(out_url: str, mirror: str | None, ckpt_dir: Path) -> Path | None:
+    """The checkpoint to resume from: a local phase's own, or a remote phase's fetched from its mirror."""
+    if mirror is None or storage.is_local(storage.fs_for(out_url)[0]):
         return _local_resume_checkpoint(ckpt_dir)
-    remote = storage.join(out_url, "checkpoints", LAST)
-    if not storage.exists(remote):
-        return None
-    fs, path = storage.fs_for(remote)
-    local = ckpt_dir / LAST
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    fs.get_file(path, str(local))  # into the private staging directory: nobody reads it half-written
-    problem = checkpoint_problem(local)
-    if problem is None:
-        return local
-    fs.mv(path, path + CORRUPT)
-    local.unlink()  # only our staging copy of the file just set aside
-    log.warning("checkpoint %s is unusable (%s); kept as %s%s. A remote phase mirrors no older checkpoint, so it "
-                "starts over from its initial weights", remote, problem, remote, CORRUPT)
-    return None
+    return _remote_resume_checkpoint(mirror, ckpt_dir)
 
 
 def _local_resume_checkpoint(ckpt_dir: Path) -> Path | None:
     """``last.ckpt`` if it loads; else the newest loadable ``step=*.ckpt`` (relinked as ``last.ckpt``); else None."""
+    for unfinished in ckpt_dir.glob(UNFINISHED):
+        unfinished.unlink(missing_ok=True)
+        log.info("removed %s, left by a checkpoint save that did not finish", unfinished)
     last = ckpt_dir / LAST
-    if last.is_symlink() and not last.exists():
-        raise ValueError(f"{last} links to a missing checkpoint; restore it or remove the link to start over")
-    if not last.exists():
+    if last.is_symlink() and not last.exists():  # a background save linked it, then the run died before writing
+        target = os.readlink(last)
+        named, kept = f"{last} (-> {target})", "removed the link"
+        problem = f"{target} was never written: the run stopped while saving it"
+        last.unlink()
+    elif last.exists():
+        problem = checkpoint_problem(last)
+        if problem is None:
+            return last
+        named = f"{last} (-> {last.resolve().name})" if last.is_symlink() else str(last)
+        kept = f"kept as {_set_aside(last)}"
+    else:
         return None
-    problem = checkpoint_problem(last)
-    if problem is None:
-        return last
-    named = f"{last} (-> {last.resolve().name})" if last.is_symlink() else str(last)
-    kept = _set_aside(last)
     fallback = _newest_valid_step_checkpoint(ckpt_dir)
     if fallback is None:
-        log.warning("checkpoint %s is unusable (%s); kept as %s. No valid step=*.ckpt is left in %s, so the phase "
-                    "starts over from its initial weights", named, problem, kept, ckpt_dir)
+        log.warning("checkpoint %s is unusable (%s); %s. No valid step=*.ckpt is left in %s, so the phase starts over "
+                    "from its initial weights", named, problem, kept, ckpt_dir)
         return None
     last.symlink_to(fallback.name)  # relative, as ModelCheckpoint links it: a crash before the next save resumes here
-    log.warning("checkpoint %s is unusable (%s); kept as %s. Resuming from %s instead", named, problem, kept, fallback)
+    log.warning("checkpoint %s is unusable (%s); %s. Resuming from %s instead", named, problem, kept, fallback)
     return last
+
+
+def _remote_resume_checkpoint(mirror: str, ckpt_dir: Path) -> Path | None:
+    """The mirror's ``last.ckpt`` if it loads, else its newest loadable ``step=*.ckpt``, fetched into the (empty)
+    staging ``ckpt_dir`` so that it looks as a local one would; unusable objects are set aside as ``*.corrupt``."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    last_url = storage.join(mirror, LAST)
+    mirrored = _newest_first(url.rsplit("/", 1)[-1] for url in storage.list_files(mirror, "step=*.ckpt"))
+    names = ([LAST] if storage.exists(last_url) else []) + mirrored
+    unusable = []
+    for name in names:
+        url, local = storage.join(mirror, name), ckpt_dir / name
+        storage.download_file(url, str(local))  # into the private staging directory: nobody reads it half-written
+        problem = checkpoint_problem(local)
+        if problem is None:
+            break
+        local.unlink()  # only our staging copy of the object set aside next
+        unusable.append(f"{url} ({problem}; kept as {_set_aside_remote(url)})")
+    else:
+        if unusable:
+            log.warning("unusable checkpoint(s): %s. No valid checkpoint is left in %s, so the phase starts over "
+                        "from its initial weights", "; ".join(unusable), mirror)
+        return None
+    if name != LAST:
+        (ckpt_dir / LAST).symlink_to(name)
+        storage.copy(url, last_url)  # the mirror's last.ckpt is a loadable checkpoint again
+    if unusable:
+        log.warning("unusable checkpoint(s): %s. Resuming from %s instead", "; ".join(unusable), url)
+    return ckpt_dir / LAST
+
+
+def _set_aside_remote(url: str) -> str:
+    kept, n = url + CORRUPT, 0
+    while storage.exists(kept):  # an earlier bad copy stays too
+        n += 1
+        kept = f"{url}{CORRUPT}.{n}"
+    storage.move(url, kept)
+    return kept
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -308,9 +376,13 @@ def _newest_valid_step_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 def _step_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """The ``step=NNNNNNN.ckpt`` files, newest step first (by number, not by name or modification time)."""
-    found = [(int(m[1]), p) for p in ckpt_dir.glob("step=*.ckpt") if (m := STEP_CKPT.fullmatch(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
+    return [ckpt_dir / name for name in _newest_first(p.name for p in ckpt_dir.glob("step=*.ckpt"))]
+
+
+def _newest_first(names: Iterable[str]) -> list[str]:
+    """The ``step=NNNNNNN.ckpt`` names among ``names``, newest step first (by number, not by name or mtime)."""
+    found = [(int(m[1]), name) for name in names if (m := STEP_CKPT.fullmatch(name))]
+    return [name for _, name in sorted(found, reverse=True)]
 
 
 def _set_aside(path: Path) -> Path:
@@ -338,42 +410,102 @@ def _init_from(module: PretrainModule, init_weights: str, spec: PhaseSpec) -> No
             if fs.isdir(path):
                 storage.download_dir(init_weights, str(local))
             else:
-                fs.get_file(path, str(local))
+                storage.download_file(init_weights, str(local))
             source = load_model(local)
     from_pretrained_weights(module, source.state_dict(), source=init_weights)
     log.info("phase %s starts from %s (rope_theta %s)", spec.name, init_weights, module.model.config.rope_theta)
 
 
 class MirroredCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint atomically (a crash mid-save never leaves a torn ``last.ckpt``) and, for remote
-    phases, copies it to ``mirror_url`` so a run on another machine can resume."""
+    """Writes each checkpoint atomically (a crash mid-save never leaves a torn file) and, given ``mirror_url``, mirrors
+    it there: uploads it under its own name once written (a ``step=*.ckpt`` also as the mirror's ``last.ckpt``, since
+    ModelCheckpoint links ``last.ckpt`` to each one it saves) and removes the copy of a checkpoint it removes."""
 
     def __init__(self, mirror_url: str | None = None) -> None:
         super().__init__()
         self.mirror_url = mirror_url
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        log.debug("writing checkpoint %s", path)
         with storage.atomic_write(str(path)) as f:
             torch.save(checkpoint, f)
+        if self.mirror_url is None:
+            return
+        url = storage.join(self.mirror_url, path.name)
+        storage.upload_file(str(path), url)
+        if STEP_CKPT.fullmatch(path.name):
+            storage.copy(url, storage.join(self.mirror_url, LAST))  # within the store: no second upload
+        log.info("checkpoint %s mirrored to %s", path, url)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        super().remove_checkpoint(path)
         if self.mirror_url is not None:
-            with open(path, "rb") as src, storage.atomic_write(self.mirror_url) as dst:
-                shutil.copyfileobj(src, dst, 8 << 20)
-            log.info("checkpoint %s mirrored to %s", path, self.mirror_url)
+            storage.remove(storage.join(self.mirror_url, Path(path).name), missing_ok=True)
+
+
+class OrderedAsyncCheckpointIO(AsyncCheckpointIO):
+    """Lightning's AsyncCheckpointIO, with removals queued behind the saves.
+
+    What it keeps (checked in Lightning 2.6): one worker thread, so saves run in order; the checkpoint's tensors are
+    cloned on the calling thread before the hand-off (containers rebuilt around them), so later optimizer steps never
+    change a save in flight; a save's error is raised at the next save or at ``teardown``, which waits for the queue.
+    What it adds: Lightning removes on the calling thread, so when saves lag two intervals behind, ModelCheckpoint's
+    removal of the oldest checkpoint could run before that checkpoint's own save, find nothing, and leave it behind.
+    """
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self._ensure_setup()
+        inner, executor = self.checkpoint_io, self._executor
+        assert inner is not None and executor is not None
+
+        def remove() -> None:
+            try:
+                inner.remove_checkpoint(path)
+            except BaseException as err:  # kept for the next save or teardown to raise, as a failed save is
+                self._error = err
+
+        executor.submit(remove)
+        if self._error:
+            raise self._error
+
+
+class PhaseCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that follows its checkpoints into another directory. A remote phase resumes in a fresh staging
+    directory each time; the stock callback would then forget which step checkpoints it keeps, and so never remove
+    the mirrored ones it had saved before the resume."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("dirpath")
+        if saved is not None and self.dirpath is not None and saved != self.dirpath:
+            state_dict = _moved_to(state_dict, str(self.dirpath))
+        super().load_state_dict(state_dict)
+
+
+def _moved_to(state: dict[str, Any], dirpath: str) -> dict[str, Any]:
+    """ModelCheckpoint's state with its checkpoint paths (all in its own directory) re-rooted at ``dirpath``."""
+    def move(path: str) -> str:
+        return os.path.join(dirpath, os.path.basename(path)) if path else path
+
+    moved = {key: move(state[key]) for key in ("best_model_path", "kth_best_model_path", "last_model_path")
+             if key in state}
+    best_k = {move(path): score for path, score in state.get("best_k_models", {}).items()}
+    return {**state, **moved, "best_k_models": best_k, "dirpath": dirpath}
 
 
 def _trainer(
-    spec: PhaseSpec, config: ModelConfig, grad_clip: float, ckpt_dir: Path, out_url: str,
+    spec: PhaseSpec, config: ModelConfig, grad_clip: float, ckpt_dir: Path, mirror: str | None,
     mlflow: tuple[str, str] | None, callbacks: list[Callback] | None,
 ) -> L.Trainer:
     runtime = detect_runtime(spec.precision, devices=spec.devices, model_params=config.num_params(),
                              wrap_modules=[Block])
-    remote = not storage.is_local(storage.fs_for(out_url)[0])
-    checkpoint = ModelCheckpoint(
+    checkpoint = PhaseCheckpoint(
         # The two newest step checkpoints ("step" is always among ModelCheckpoint's monitor candidates): one to fall
         # back to when the newest turns out unreadable (see _local_resume_checkpoint).
         dirpath=ckpt_dir, filename="step={step:07d}", monitor="step", mode="max", save_top_k=2, save_last="link",
         every_n_train_steps=spec.checkpoint_every, enable_version_counter=False, auto_insert_metric_name=False,
     )
+    io: CheckpointIO = MirroredCheckpointIO(mirror)
     return L.Trainer(
         **runtime.trainer_kwargs(),
         max_steps=spec.max_steps,
@@ -385,7 +517,7 @@ def _trainer(
         use_distributed_sampler=False,  # PackedDataModule slices global batches per rank itself
         logger=_mlflow_logger(mlflow),
         callbacks=[checkpoint, *_progress_bar(), *(callbacks or [])],
-        plugins=[MirroredCheckpointIO(storage.join(out_url, "checkpoints", LAST) if remote else None)],
+        plugins=[OrderedAsyncCheckpointIO(io) if spec.async_checkpoints else io],
         default_root_dir=str(ckpt_dir.parent),
         enable_progress_bar=True,
     )
@@ -410,10 +542,15 @@ def _progress_bar() -> list[Callback]:
 
 
 def _final_checkpoint(trainer: L.Trainer, spec: PhaseSpec, ckpt_dir: Path) -> Path:
-    """``last.ckpt`` at the step training ended; ModelCheckpoint only wrote it at multiples of checkpoint_every."""
+    """``last.ckpt`` at the step training ended (ModelCheckpoint only wrote it at multiples of checkpoint_every), once
+    every save is written and mirrored: a background save that failed raises here."""
     last = ckpt_dir / LAST
-    if trainer.global_step % spec.checkpoint_every or not last.exists():
+    trainer.strategy.checkpoint_io.teardown()  # the async IO waits for its queue here (a no-op for the plain one)
+    missing = bool(trainer.global_step % spec.checkpoint_every) or not last.exists()
+    # Rank 0's answer: only it writes checkpoints, and save_checkpoint holds a barrier that every rank must reach.
+    if trainer.strategy.broadcast(missing):
         trainer.save_checkpoint(last)  # through MirroredCheckpointIO: replaces a symlink, mirrors for remote phases
+        trainer.strategy.checkpoint_io.teardown()
     return last
 
 

@@ -6,7 +6,8 @@ import pytest
 
 from infra.settings import Settings, default_tracking_uri, get_logger, get_settings
 
-_VARS = ("LMFORGE_ROOT", "LMFORGE_TRACKING_URI", "LMFORGE_PRESET")
+_VARS = ("LMFORGE_ROOT", "LMFORGE_TRACKING_URI", "LMFORGE_PRESET", "LMFORGE_STORAGE_ATTEMPTS",
+         "LMFORGE_STORAGE_RETRY_DELAY", "LMFORGE_STORAGE_CLIENT_ATTEMPTS", "LMFORGE_STORAGE_CONNECT_TIMEOUT")
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +65,28 @@ def test_bad_root_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, root: str) -
 
 def test_settings_accept_memory_root() -> None:
     assert Settings(root="memory://scratch").root == "memory://scratch"
+
+
+def test_storage_retries_default_and_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = get_settings()
+    assert (settings.storage_attempts, settings.storage_retry_delay, settings.storage_client_attempts,
+            settings.storage_connect_timeout) == (5, 1.0, 3, 10.0)
+    monkeypatch.setenv("LMFORGE_STORAGE_ATTEMPTS", "2")
+    monkeypatch.setenv("LMFORGE_STORAGE_RETRY_DELAY", "0.25")
+    monkeypatch.setenv("LMFORGE_STORAGE_CLIENT_ATTEMPTS", "1")
+    monkeypatch.setenv("LMFORGE_STORAGE_CONNECT_TIMEOUT", "3")
+    settings = get_settings()
+    assert (settings.storage_attempts, settings.storage_retry_delay, settings.storage_client_attempts,
+            settings.storage_connect_timeout) == (2, 0.25, 1, 3.0)
+
+
+@pytest.mark.parametrize(("name", "value"), [("LMFORGE_STORAGE_ATTEMPTS", "0"), ("LMFORGE_STORAGE_RETRY_DELAY", "-1"),
+                                             ("LMFORGE_STORAGE_CLIENT_ATTEMPTS", "0"),
+                                             ("LMFORGE_STORAGE_CONNECT_TIMEOUT", "0")])
+def test_storage_retry_settings_reject_nonsense(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=name.removeprefix("LMFORGE_").lower()):
+        get_settings()
 
 
 def test_loggers_hang_under_lmforge() -> None:

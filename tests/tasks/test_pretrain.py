@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,26 +52,6 @@ def phase1(shards: list[tuple[Path, Path]], tmp_path_factory: pytest.TempPathFac
     return run_phase(spec(), SMOKE, shards, None, str(tmp_path_factory.mktemp("phase1")))
 
 
-class CrashAt(L.Callback):
-    """Fails the run when a step would start after ``step`` optimizer steps, like a lost machine."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError(f"simulated crash at step {self.step}")
-
-
-class StopAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            trainer.should_stop = True
-
-
 class InitialWeights(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.state = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
@@ -107,12 +88,13 @@ def test_a_finished_phase_returns_its_stored_result_without_training(
 
 
 def test_resume_after_a_crash_reproduces_the_uninterrupted_losses(
-    shards: list[tuple[Path, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shards: list[tuple[Path, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    crash_at: Callable[[int], L.Callback],
 ) -> None:
     s = spec(max_steps=10, accumulate=2, batch_size=2, checkpoint_every=3, warmup_steps=3)
     whole = run_phase(s, SMOKE, shards, None, str(tmp_path / "whole"))
     with pytest.raises(RuntimeError, match="simulated crash at step 6"):
-        run_phase(s, SMOKE, shards, None, str(tmp_path / "resumed"), callbacks=[CrashAt(6)])
+        run_phase(s, SMOKE, shards, None, str(tmp_path / "resumed"), callbacks=[crash_at(6)])
     resumed = run_phase(s, SMOKE, shards, None, str(tmp_path / "resumed"))
     assert resumed.resumed_from_step == 6 and resumed.steps == 10 and resumed.tokens == whole.tokens
     assert resumed.losses == pytest.approx(whole.losses, abs=1e-5, rel=0)
@@ -120,7 +102,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_losses(
     # The same resume with the loader restarted at sample 0 (the position not restored) trains on other batches.
     monkeypatch.setattr(PackedDataModule, "train_dataloader", _from_first_sample)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_phase(s, SMOKE, shards, None, str(tmp_path / "unrestored"), callbacks=[CrashAt(6)])
+        run_phase(s, SMOKE, shards, None, str(tmp_path / "unrestored"), callbacks=[crash_at(6)])
     unrestored = run_phase(s, SMOKE, shards, None, str(tmp_path / "unrestored"))
     assert unrestored.losses[:6] == pytest.approx(whole.losses[:6], abs=1e-5, rel=0)
     assert abs(unrestored.losses[6] - whole.losses[6]) > 1e-3
@@ -132,10 +114,12 @@ def _from_first_sample(self: PackedDataModule) -> Any:
     return make_loader(self.dataset, self.batch_size, seed=self.seed, start_sample=0)
 
 
-def test_a_stopped_phase_raises_and_a_rerun_finishes_it(shards: list[tuple[Path, Path]], tmp_path: Path) -> None:
+def test_a_stopped_phase_raises_and_a_rerun_finishes_it(
+    shards: list[tuple[Path, Path]], tmp_path: Path, stop_at: Callable[[int], L.Callback]
+) -> None:
     s = spec(max_steps=4, checkpoint_every=4)
     with pytest.raises(PhaseInterrupted, match="stopped at step 3 of 4"):
-        run_phase(s, SMOKE, shards, None, str(tmp_path), callbacks=[StopAt(3)])
+        run_phase(s, SMOKE, shards, None, str(tmp_path), callbacks=[stop_at(3)])
     assert not (tmp_path / "final").exists()
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     finished = run_phase(s, SMOKE, shards, None, str(tmp_path))
@@ -170,13 +154,15 @@ def test_metrics_go_to_the_given_mlflow_run(shards: list[tuple[Path, Path]], tmp
 
 
 def test_checkpoints_of_an_s3_phase_are_mirrored_and_resumed_from(
-    shards: list[tuple[Path, Path]], s3_bucket: str, tmp_path: Path
+    shards: list[tuple[Path, Path]], s3_bucket: str, tmp_path: Path, crash_at: Callable[[int], L.Callback]
 ) -> None:
     out = f"{s3_bucket}/phase1"
     s = spec(max_steps=4, checkpoint_every=2)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_phase(s, SMOKE, shards, None, out, callbacks=[CrashAt(2)])
-    assert storage.list_files(f"{out}/checkpoints") == [f"{out}/checkpoints/last.ckpt"]
+        run_phase(s, SMOKE, shards, None, out, callbacks=[crash_at(2)])
+    assert storage.list_files(f"{out}/checkpoints") == [
+        f"{out}/checkpoints/last.ckpt", f"{out}/checkpoints/step=0000002.ckpt"
+    ]
     result = run_phase(s, SMOKE, shards, None, out)
     assert result.resumed_from_step == 2 and result.native_url == f"{out}/final"
     assert {Path(u).name for u in storage.list_files(result.native_url)} == {
