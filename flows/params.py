@@ -22,8 +22,12 @@ class Where(BaseModel):
                                                     "the same name resumes and reuses finished stages")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: LMFORGE_TRACKING_URI, else "
                                                         "sqlite:///<root>/mlflow.db)")
+    cold_root: str | None = Field(None, description="cold storage for training checkpoints, e.g. s3://bucket/prefix:"
+                                                     " each one is uploaded as it is saved, under <cold_root>/"
+                                                     "<run_name>/pretrain/<phase>/ and …/sft/train/ (for a local root "
+                                                     "only: a remote root holds them itself)")
 
-    @field_validator("root", "tracking_uri")
+    @field_validator("root", "tracking_uri", "cold_root")
     @classmethod
     def _no_password(cls, value: str | None, info: ValidationInfo) -> str | None:
         """Flow parameters are recorded by Prefect, and these URLs by MLflow and in files: credentials go elsewhere."""
@@ -31,6 +35,10 @@ class Where(BaseModel):
 
     def workdir(self, preset: str) -> str:
         return storage.join(self.root or get_settings().root, self.run_name or preset)
+
+    def cold(self, preset: str, *parts: str) -> str | None:
+        """Where a training stage's checkpoints are mirrored (``parts``: its place in the run's layout), or None."""
+        return None if self.cold_root is None else storage.join(self.cold_root, self.run_name or preset, *parts)
 
     def tracking(self) -> str:
         if self.tracking_uri:

@@ -45,7 +45,8 @@ def pretrain_flow(params: PretrainParams) -> list[dict[str, Any]]:
             config = plan.model_config_for(i).to_dict()
             tokens = params.phase_tokens.get(spec.name, params.tokens)
             run = reuse_if_present(phase_task, storage.join(out, "final", "phase_result.json"))
-            result = run(spec, config, tokens, out, init, phase.mix.model_dump(), parent)
+            cold = params.where.cold(params.preset, "pretrain", spec.name)
+            result = run(spec, config, tokens, out, init, phase.mix.model_dump(), parent, cold)
             init = result["native_url"]
             results.append({"name": spec.name, **result})
     return results

@@ -36,4 +36,5 @@ def sft_flow(params: SFTParams) -> dict[str, Any]:
         data = params.data or make(params.corpus, data_dir, plan.sft_data, parent, plan.eval_data.holdout_share)
         train = reuse_if_present(sft_task, storage.join(params.output, "train", "eval.json"))
         return train(data, params.base, params.tokenizer, storage.join(params.output, "train"),
-                     PhaseSpec(**plan.sft), plan.sft_eval, params.corpus, parent)
+                     PhaseSpec(**plan.sft), plan.sft_eval, params.corpus, parent,
+                     params.where.cold(params.preset, "sft", "train"))

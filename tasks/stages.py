@@ -90,9 +90,10 @@ def tokenize_task(corpus_url: str, tokenizer_url: str, out_url: str, parent: Run
 @task(name="pretrain-phase", cache_policy=CACHE, persist_result=True, **{**IO_RETRIES, "retry_delay_seconds": 10})
 def phase_task(
     spec: Any, model_config: dict[str, Any], tokens_manifest: str, out_url: str, init: str | None,
-    mix: dict[str, Any], parent: RunRef,
+    mix: dict[str, Any], parent: RunRef, cold_url: str | None = None,
 ) -> dict[str, Any]:
-    """One pretraining phase; a retry resumes from the phase's last checkpoint."""
+    """One pretraining phase; a retry resumes from the phase's last checkpoint. ``cold_url``: where each checkpoint is
+    also uploaded as it is saved (cold storage)."""
     from tasks.phases import phase_documents
     from tasks.pretrain import run_phase
     from tasks.tokenize import local_shards
@@ -108,7 +109,7 @@ def phase_task(
         shards = local_shards(tokens_manifest, _cache_dir(tokens_manifest))
         doc_ids, shares = phase_documents(tokens_manifest, shards, spec, mix)
         tracker.log_metrics(ref, shares)
-        result = run_phase(spec, config, shards, doc_ids, out_url, init_weights=init,
+        result = run_phase(spec, config, shards, doc_ids, out_url, init_weights=init, cold_url=cold_url,
                            mlflow=(ref.tracking_uri, ref.run_id) if ref.enabled else None,
                            callbacks=[PrefectProgress(key=f"pretrain-{spec.name}-progress".replace("_", "-"))])
         log_loss_plot(tracker, ref, result.losses, f"{spec.name}: train loss")
@@ -347,9 +348,10 @@ def sft_data_task(clean_url: str | None, out_url: str, cfg: Any, parent: RunRef,
 @task(name="sft-train", cache_policy=CACHE, persist_result=True, **{**IO_RETRIES, "retry_delay_seconds": 10})
 def sft_task(
     data_url: str, base_url: str, tokenizer_url: str, out_url: str, spec: Any, eval_cfg: Any, clean_url: str | None,
-    parent: RunRef,
+    parent: RunRef, cold_url: str | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune `base_url` on the SFT data (resumable), then evaluate on the held-out split with and without tools."""
+    """Fine-tune `base_url` on the SFT data (resumable), then evaluate on the held-out split with and without tools.
+    ``cold_url``: where each checkpoint is also uploaded as it is saved."""
     from model.sft import PackedChatDataset
     from tasks.pretrain import run_phase
     from tasks.sft.train import conversations, corpus_docs, evaluate, load_base, plugin_table, read_chats
@@ -370,7 +372,7 @@ def sft_task(
                                   "data/windows": float(len(dataset)), "data/truncated": float(dataset.truncated),
                                   "data/trainable_tokens": float(dataset.trainable_tokens)})
         result = run_phase(spec, base.config, [], None, out_url, init_weights=base_url, dataset=dataset,
-                           mlflow=(ref.tracking_uri, ref.run_id) if ref.enabled else None,
+                           cold_url=cold_url, mlflow=(ref.tracking_uri, ref.run_id) if ref.enabled else None,
                            callbacks=[PrefectProgress(key="sft-progress")])
         log_loss_plot(tracker, ref, result.losses, "SFT: train loss")
         tracker.log_metrics(ref, {"train/first_loss": result.first_loss, "train/final_loss": result.final_loss})

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.params import Where
 from flows.sft import SFTParams, sft_flow
+from infra import storage
 from model.chat import Message, ToolCall
 from model.checkpoint import save_native
 from model.config import get_preset
@@ -43,12 +44,16 @@ def base(prose: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(prefect_server: None, base: Path) -> tuple[Path, Where, dict[str, Any]]:
+def trained(prefect_server: None, moto_server: str, base: Path) -> tuple[Path, Where, dict[str, Any]]:
+    import s3fs
+
     data = base / "data"
     write_sft(generate_sft(pipeline_preset("smoke").sft_data), str(data))
     with (data / "train.jsonl").open("a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in BAD) + "not json\n")
-    where = Where(root=str(base), tracking_uri=f"sqlite:///{base}/mlflow.db")
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("lmforge-cold-sft")
+    where = Where(root=str(base), tracking_uri=f"sqlite:///{base}/mlflow.db", cold_root="s3://lmforge-cold-sft/runs",
+                  run_name="sft-test")
     params = SFTParams(base=str(base / "base"), tokenizer=str(base / "tokenizer.json"), output=str(base / "out"),
                        data=str(data), preset="smoke", where=where)
     return base / "out", where, sft_flow(params)
@@ -74,6 +79,18 @@ def test_held_out_evaluation_with_and_without_tools(trained: tuple[Path, Where, 
     metrics = run[0].data.metrics
     assert metrics["data/quarantined"] == 4 and "eval/with_tools/accuracy" in metrics
     assert "train/loss" in metrics
+
+
+def test_each_checkpoint_is_also_in_cold_storage(trained: tuple[Path, Where, Any]) -> None:
+    out, where, _ = trained
+    cold = "s3://lmforge-cold-sft/runs/sft-test/sft/train"
+    assert where.cold("smoke", "sft", "train") == cold
+    local = sorted(p.name for p in (out / "train" / "checkpoints").glob("*.ckpt"))
+    mirrored = sorted(url.rsplit("/", 1)[-1] for url in storage.list_files(f"{cold}/checkpoints"))
+    assert local == mirrored and "last.ckpt" in mirrored and any(n.startswith("step=") for n in mirrored)
+    last = (out / "train" / "checkpoints" / "last.ckpt").read_bytes()
+    assert storage.read_bytes(f"{cold}/checkpoints/last.ckpt") == last
+    assert storage.read_json(f"{cold}/phase_spec.json") == json.loads((out / "train" / "phase_spec.json").read_text())
 
 
 def test_chat_loop_streams_replies_runs_tools_and_resets(base: Path) -> None:
