@@ -56,10 +56,10 @@ def export_hf(
     console.print(f"exported {checkpoint} → {out}{note}")
 
 
-def _where(root: str | None, run_name: str | None, tracking_uri: str | None) -> Any:
+def _where(root: str | None, run_name: str | None, tracking_uri: str | None, cold_root: str | None = None) -> Any:
     from flows.params import Where
 
-    return Where(root=root, run_name=run_name, tracking_uri=tracking_uri)
+    return Where(root=root, run_name=run_name, tracking_uri=tracking_uri, cold_root=cold_root)
 
 
 def _show_result(title: str, result: dict[str, Any]) -> None:
@@ -82,13 +82,15 @@ def run(
     root: RootOpt = None,
     run_name: RunNameOpt = None,
     tracking_uri: TrackingOpt = None,
+    cold_root: Annotated[str | None, typer.Option(help="cold storage (e.g. s3://bucket/cold) that receives every "
+                                                       "training checkpoint as it is saved")] = None,
 ) -> None:
     """Run the whole pipeline (the same flow the `pipeline` deployment runs)."""
     from flows.pipeline import PipelineParams, pipeline_flow
     from tasks.presets import pipeline_preset
 
     _check_preset(preset, pipeline_preset)
-    params = PipelineParams(preset=preset, input=input, where=_where(root, run_name, tracking_uri))
+    params = PipelineParams(preset=preset, input=input, where=_where(root, run_name, tracking_uri, cold_root))
     _show_result(f"pipeline ({preset})", pipeline_flow(params))
 
 
