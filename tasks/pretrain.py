@@ -57,6 +57,7 @@ from model.checkpoint import load_model, save_native
 from model.config import ModelConfig
 from model.data import DocumentStore, PackedDataset
 from model.model import Block
+from model.probes import copy_probe
 from model.pretrain import OptimConfig, PackedDataModule, PretrainModule, from_pretrained_weights
 
 log = get_logger(__name__)
@@ -126,6 +127,7 @@ class PhaseResult(BaseModel):
     native_url: str  # the lmforge directory (final/)
     resumed_from_step: int = 0  # > 0: the call that finished resumed from a checkpoint at this step
     resumed_from_final: bool = False  # True: returned from final/phase_result.json without training
+    copy_probe: dict[str, float] = Field(default_factory=dict)  # model.probes.copy_probe of the final weights
 
 
 class PhaseInterrupted(RuntimeError):
@@ -565,12 +567,23 @@ def _finish(spec: PhaseSpec, module: PretrainModule, out_url: str, last: Path, s
     )
     if not module.trainer.is_global_zero:
         return result
+    model = load_model(last)  # from the checkpoint rather than the module: full weights whatever the sharding
+    result = result.model_copy(update={"copy_probe": _copy_probe(model)})
     with tempfile.TemporaryDirectory(prefix="lmforge-final-") as tmp:
-        # From the checkpoint rather than the module: that holds full weights whatever the strategy sharded.
-        native = save_native(load_model(last), Path(tmp) / "final")
+        native = save_native(model, Path(tmp) / "final")
         storage.upload_dir(str(native), final_url)
     storage.write_json(storage.join(final_url, RESULT_FILE), result.model_dump(exclude={"resumed_from_final"}))
     return result
+
+
+def _copy_probe(model: torch.nn.Module) -> dict[str, float]:
+    """In-context copying of the final weights (`model.probes.copy_probe`); on a GPU when there is one (a paper-shape
+    model's forward pass is slow on CPU), the model back on CPU after."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return copy_probe(model.to(device), span=min(64, model.config.max_seq_len // 2)).as_dict()
+    finally:
+        model.to("cpu")
 
 
 def load_for_inference(checkpoint_url: str, tokenizer_url: str) -> tuple[Any, Any]:

@@ -84,6 +84,8 @@ def test_mlflow_parent_run_with_one_child_per_stage(smoke_run: tuple[Where, Any]
     phase1 = next(c for c in children if c.data.tags["lmforge.stage"] == "pretrain/phase1_short")
     history = client.get_metric_history(phase1.info.run_id, "train/loss")
     assert len(history) == 12 and history[-1].value < history[0].value
+    assert phase1.data.metrics["probe/copy_gain"] == pytest.approx(
+        phase1.data.metrics["probe/copy_first_nll"] - phase1.data.metrics["probe/copy_repeat_nll"])
     assert "mix/long_token_share" in next(c for c in children
                                            if c.data.tags["lmforge.stage"] == "pretrain/phase2_long").data.metrics
     mix = next(c for c in children if c.data.tags["lmforge.stage"] == "data/capability-mix").data.metrics
@@ -91,7 +93,7 @@ def test_mlflow_parent_run_with_one_child_per_stage(smoke_run: tuple[Where, Any]
     # each checkpoint's OpenCompass scores sit on the run that trained it; the better chat model is the champion
     assert "eval/knowledge/knowledge_cloze" in phase1.data.metrics and "eval/average" in phase1.data.metrics
     sft = next(c for c in children if c.data.tags["lmforge.stage"] == "sft")
-    assert "eval/tool_use/tool_math" in sft.data.metrics
+    assert "eval/tool_use/tool_math" in sft.data.metrics and "probe/copy_gain" in sft.data.metrics
     assert "eval/tool_use/tool_math" not in phase1.data.metrics  # base models do not get the tool-use set
     rlhf = next(c for c in children if c.data.tags["lmforge.stage"] == "rlhf/round2")
     assert "eval/tool_use/tool_math" in rlhf.data.metrics and "round/gold_reward" in rlhf.data.metrics

@@ -68,6 +68,10 @@ def test_loss_falls_and_the_result_describes_the_phase(phase1: PhaseResult) -> N
     assert np.mean(phase1.losses[-3:]) < phase1.first_loss - 1.5
     assert phase1.tokens == 20 * 4 * 64
     assert not phase1.resumed_from_final and phase1.resumed_from_step == 0
+    # the copy probe of the final weights: random tokens shown twice (this model has not learned to copy)
+    probe = phase1.copy_probe
+    assert set(probe) == {"first_nll", "repeat_nll", "gain", "rows", "span"} and probe["span"] == 32
+    assert probe["gain"] == pytest.approx(probe["first_nll"] - probe["repeat_nll"]) and probe["first_nll"] > 3.0
 
 
 def test_the_lightning_checkpoint_and_the_native_directory_hold_the_final_weights(phase1: PhaseResult) -> None:
@@ -168,7 +172,8 @@ def test_checkpoints_of_an_s3_phase_are_mirrored_and_resumed_from(
     assert {Path(u).name for u in storage.list_files(result.native_url)} == {
         "lmforge.json", "model.safetensors", "phase_result.json"
     }
-    assert run_phase(s, SMOKE, shards, None, out).resumed_from_final
+    finished = run_phase(s, SMOKE, shards, None, out)
+    assert finished.resumed_from_final and finished.copy_probe == result.copy_probe  # read back from final/
     seen = InitialWeights()  # the next phase starts from the remote final/ directory
     run_phase(spec(name="p2", rope_theta=1e6, max_steps=1, warmup_steps=0), SMOKE, shards, None, f"{s3_bucket}/phase2",
               init_weights=result.native_url, callbacks=[seen])
