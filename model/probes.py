@@ -9,6 +9,7 @@ n-grams cannot pass for copying and no data is needed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,12 +31,13 @@ class CopyProbe:
         """Nats per token the first showing saves on the second: ~0 without copying, ~ln(V) with perfect copying."""
         return self.first_nll - self.repeat_nll
 
-    def metrics(self, prefix: str = "probe/copy_") -> dict[str, float]:
-        return {f"{prefix}first_nll": self.first_nll, f"{prefix}repeat_nll": self.repeat_nll,
-                f"{prefix}gain": self.gain}
-
     def as_dict(self) -> dict[str, float]:
         return {**asdict(self), "gain": self.gain}
+
+
+def probe_metrics(probe: Mapping[str, float]) -> dict[str, float]:
+    """MLflow metrics ``probe/copy_{first_nll,repeat_nll,gain}`` from `CopyProbe.as_dict` (empty gives none)."""
+    return {f"probe/copy_{k}": float(probe[k]) for k in ("first_nll", "repeat_nll", "gain") if k in probe}
 
 
 def copy_probe(model: InternLM2, *, rows: int = 16, span: int = 64, seed: int = 0) -> CopyProbe:

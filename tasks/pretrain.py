@@ -57,8 +57,8 @@ from model.checkpoint import load_model, save_native
 from model.config import ModelConfig
 from model.data import DocumentStore, PackedDataset
 from model.model import Block
-from model.probes import copy_probe
 from model.pretrain import OptimConfig, PackedDataModule, PretrainModule, from_pretrained_weights
+from model.probes import copy_probe
 
 log = get_logger(__name__)
 

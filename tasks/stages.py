@@ -94,6 +94,7 @@ def phase_task(
 ) -> dict[str, Any]:
     """One pretraining phase; a retry resumes from the phase's last checkpoint. ``cold_url``: where each checkpoint is
     also uploaded as it is saved (cold storage)."""
+    from model.probes import probe_metrics
     from tasks.phases import phase_documents
     from tasks.pretrain import run_phase
     from tasks.tokenize import local_shards
@@ -113,7 +114,7 @@ def phase_task(
                            mlflow=(ref.tracking_uri, ref.run_id) if ref.enabled else None,
                            callbacks=[PrefectProgress(key=f"pretrain-{spec.name}-progress".replace("_", "-"))])
         log_loss_plot(tracker, ref, result.losses, f"{spec.name}: train loss")
-        tracker.log_metrics(ref, probe_metrics(result))
+        tracker.log_metrics(ref, probe_metrics(result.copy_probe))
         table_artifact(f"pretrain-{spec.name}".replace("_", "-"), [_result_row(spec.name, result)],
                        f"pretraining phase {spec.name}")
     return {**result.model_dump(), "run_id": ref.run_id}  # the model's MLflow run: its evaluation goes there
@@ -123,12 +124,6 @@ def _result_row(name: str, result: Any) -> dict[str, Any]:
     return {"phase": name, "steps": result.steps, "tokens": result.tokens, "first loss": round(result.first_loss, 4),
             "final loss": round(result.final_loss, 4), "seconds": round(result.seconds, 1),
             "copy gain": round(result.copy_probe["gain"], 3) if result.copy_probe else None}
-
-
-def probe_metrics(result: Any) -> dict[str, float]:
-    """``probe/copy_*`` from a `PhaseResult`: how well the final weights copy from their context (nats/token)."""
-    return {f"probe/copy_{k}": float(result.copy_probe[k]) for k in ("first_nll", "repeat_nll", "gain")
-            if k in result.copy_probe}
 
 
 def _cache_dir(url: str) -> Path:
@@ -360,6 +355,7 @@ def sft_task(
 ) -> dict[str, Any]:
     """Fine-tune `base_url` on the SFT data (resumable), then evaluate on the held-out split with and without tools.
     ``cold_url``: where each checkpoint is also uploaded as it is saved."""
+    from model.probes import probe_metrics
     from model.sft import PackedChatDataset
     from tasks.pretrain import run_phase
     from tasks.sft.train import conversations, corpus_docs, evaluate, load_base, plugin_table, read_chats
@@ -384,7 +380,7 @@ def sft_task(
                            callbacks=[PrefectProgress(key="sft-progress")])
         log_loss_plot(tracker, ref, result.losses, "SFT: train loss")
         tracker.log_metrics(ref, {"train/first_loss": result.first_loss, "train/final_loss": result.final_loss,
-                                  **probe_metrics(result)})
+                                  **probe_metrics(result.copy_probe)})
         model, _ = load_base(result.native_url, tokenizer_url)
         scores = {name: evaluate(model, tokenizer, held, with_tools=with_tools, plugin_table=tools, cfg=eval_cfg)
                   for name, with_tools in (("with_tools", True), ("without_tools", False))}
