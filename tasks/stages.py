@@ -358,7 +358,15 @@ def sft_task(
     from model.probes import probe_metrics
     from model.sft import PackedChatDataset
     from tasks.pretrain import run_phase
-    from tasks.sft.train import conversations, corpus_docs, evaluate, load_base, plugin_table, read_chats
+    from tasks.sft.train import (
+        conversations,
+        corpus_docs,
+        evaluate,
+        load_base,
+        paired_gain,
+        plugin_table,
+        read_chats,
+    )
 
     docs = corpus_docs(clean_url)
     tools = plugin_table(docs)
@@ -388,9 +396,11 @@ def sft_task(
                 if isinstance(v, int | float)}
         flat.update({f"eval/{name}/kind/{k}": float(v) for name, s in scores.items()
                      for k, v in s["per_kind"].items()})
+        gain = paired_gain(scores["with_tools"]["correct"], scores["without_tools"]["correct"])
+        flat.update({f"eval/tools_vs_none/{k}": v for k, v in gain.items()})
         tracker.log_metrics(ref, flat)
-        storage.write_json(storage.join(out_url, "eval.json"), scores)
-        rows = [{"setting": name, **{k: v for k, v in s.items() if k not in ("per_kind", "failed_calls")}}
+        storage.write_json(storage.join(out_url, "eval.json"), {**scores, "tools_vs_none": gain})
+        rows = [{"setting": name, **{k: v for k, v in s.items() if k not in ("per_kind", "failed_calls", "correct")}}
                 for name, s in scores.items()]
         table_artifact("sft-eval", rows, f"SFT held-out evaluation of {out_url}")
     return {"native_url": result.native_url, "final_loss": result.final_loss, "eval": scores,

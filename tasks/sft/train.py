@@ -16,6 +16,7 @@ without tools.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -177,7 +178,35 @@ def evaluate(
     return {"items": len(records), "accuracy": sum(correct) / max(len(records), 1), "tool_calls": calls,
             "tool_calls_well_formed": well_formed / calls if calls else 0.0,
             "tool_calls_executed": executed / calls if calls else 0.0,
-            "per_kind": per_kind, "failed_calls": failed[:50]}
+            "accuracy_ci95": wilson_interval(sum(correct), len(records)),
+            "tool_calls_executed_ci95": wilson_interval(executed, calls),
+            "per_kind": per_kind, "failed_calls": failed[:50], "correct": correct}
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> list[float]:
+    """The Wilson score interval [low, high] of a binomial proportion (95 % by default); [0, 1] when n is 0."""
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in [0, n]; got {successes} of {n}")
+    if n == 0:
+        return [0.0, 1.0]
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def paired_gain(with_tools: Sequence[bool], without_tools: Sequence[bool]) -> dict[str, float]:
+    """Tools against no tools on the same items: the items only one setting got right and the exact two-sided sign
+    test (McNemar's exact test) on them. ``p_value`` near 1 means the two accuracies are indistinguishable."""
+    if len(with_tools) != len(without_tools):
+        raise ValueError(f"paired results need equal lengths; got {len(with_tools)} and {len(without_tools)}")
+    only_with = sum(a and not b for a, b in zip(with_tools, without_tools, strict=True))
+    only_without = sum(b and not a for a, b in zip(with_tools, without_tools, strict=True))
+    both = sum(a and b for a, b in zip(with_tools, without_tools, strict=True))
+    n, k = only_with + only_without, min(only_with, only_without)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n if n else 1.0
+    return {"only_with_tools": float(only_with), "only_without_tools": float(only_without), "both": float(both),
+            "p_value": min(1.0, 2 * tail)}
 
 
 # ------------------------------------------------------------------------------------------- the stage

@@ -71,13 +71,22 @@ def test_bad_records_are_quarantined_with_reasons_and_the_rest_trains(trained: t
 def test_held_out_evaluation_with_and_without_tools(trained: tuple[Path, Where, Any]) -> None:
     out, where, result = trained
     scores = json.loads((out / "train" / "eval.json").read_text())
+    gain = scores.pop("tools_vs_none")
     assert set(scores) == {"with_tools", "without_tools"} and scores == result["eval"]
     for setting in scores.values():
         assert setting["items"] > 0 and 0 <= setting["accuracy"] <= 1
+        assert len(setting["correct"]) == setting["items"]
+        assert sum(setting["correct"]) == pytest.approx(setting["accuracy"] * setting["items"])
+        low, high = setting["accuracy_ci95"]
+        assert 0 <= low <= setting["accuracy"] <= high <= 1
+    pairs = list(zip(scores["with_tools"]["correct"], scores["without_tools"]["correct"], strict=True))
+    assert gain["only_with_tools"] == sum(a and not b for a, b in pairs)
+    assert gain["only_without_tools"] == sum(b and not a for a, b in pairs) and 0 < gain["p_value"] <= 1
     client = MlflowClient(where.tracking_uri)
     run = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id], "tags.`lmforge.stage` = 'sft'")
     metrics = run[0].data.metrics
     assert metrics["data/quarantined"] == 4 and "eval/with_tools/accuracy" in metrics
+    assert metrics["eval/tools_vs_none/p_value"] == gain["p_value"]
     assert "train/loss" in metrics
 
 
