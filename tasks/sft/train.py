@@ -200,9 +200,8 @@ def paired_gain(with_tools: Sequence[bool], without_tools: Sequence[bool]) -> di
     test (McNemar's exact test) on them. ``p_value`` near 1 means the two accuracies are indistinguishable."""
     if len(with_tools) != len(without_tools):
         raise ValueError(f"paired results need equal lengths; got {len(with_tools)} and {len(without_tools)}")
-    only_with = sum(a and not b for a, b in zip(with_tools, without_tools, strict=True))
-    only_without = sum(b and not a for a, b in zip(with_tools, without_tools, strict=True))
-    both = sum(a and b for a, b in zip(with_tools, without_tools, strict=True))
+    pairs = Counter((bool(a), bool(b)) for a, b in zip(with_tools, without_tools, strict=True))
+    only_with, only_without, both = pairs[True, False], pairs[False, True], pairs[True, True]
     n, k = only_with + only_without, min(only_with, only_without)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n if n else 1.0
     return {"only_with_tools": float(only_with), "only_without_tools": float(only_without), "both": float(both),
