@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+import model.model as model_module
 from model.loss import linear_cross_entropy
-from model.model import InternLM2, segment_positions
+from model.model import InternLM2, attention_spans, segment_positions
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])  # GQA ratios 1, 2, 4
@@ -69,6 +70,40 @@ def test_packed_documents_do_not_see_each_other(make_config) -> None:
 def test_segment_positions_restart() -> None:
     seg = torch.tensor([[0, 0, 0, 1, 1, 2], [5, 5, 5, 5, 5, 5]])
     assert segment_positions(seg).tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
+
+
+def test_attention_spans_skip_only_keys_masked_for_the_whole_block() -> None:
+    # row 0: documents at 0, 5, 9; row 1: one document to 7, then 7..
+    seg = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3, [0] * 7 + [1] * 5])
+    # blocks of 4: queries 0-3 read keys 0-3; 4-7 from min(start 0, start 0) = 0; 8-11 from min(5, 7) = 5
+    assert attention_spans(seg, 4) == [(0, 4, 0), (4, 8, 0), (8, 12, 5)]
+    assert attention_spans(seg[:1], 5) == [(0, 5, 0), (5, 10, 5), (10, 12, 9)]
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        attention_spans(seg, 0)
+
+
+@pytest.mark.parametrize("block", [3, 16, 39])
+def test_blocked_packed_attention_equals_one_dense_call(make_config, monkeypatch, block: int) -> None:
+    torch.manual_seed(0)
+    model = InternLM2(make_config()).double()
+    seg = torch.zeros(2, 40, dtype=torch.long)
+    seg[0, 11:] += 1
+    seg[0, 30:] += 1
+    seg[1, 25:] += 1
+    tokens, targets = torch.randint(0, 300, (2, 40)), torch.randint(0, 300, (2, 40))
+
+    def loss_and_grads(attention_block: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        monkeypatch.setattr(model_module, "ATTENTION_BLOCK", attention_block)
+        model.zero_grad()
+        loss = model.loss(tokens, targets, segment_ids=seg)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    dense_loss, dense_grads = loss_and_grads(1 << 30)
+    loss, grads = loss_and_grads(block)
+    assert_close(loss, dense_loss, rtol=1e-12, atol=1e-12)
+    for g, d in zip(grads, dense_grads, strict=True):
+        assert_close(g, d, rtol=1e-10, atol=1e-12)
 
 
 def test_loss_equals_cross_entropy_of_logits_and_grads(make_config) -> None:
