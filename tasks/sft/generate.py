@@ -82,6 +82,9 @@ class SFTDataConfig(BaseModel):
     long_context: int = Field(60, ge=0, description="needs docs; none are made without them")
     long_context_chars: int = Field(8000, ge=200, description="needle haystacks are built up to this many characters")
     long_context_min_chars: int = Field(2000, ge=0, description="a single document asked about must be this long")
+    plugin_session: int = Field(1, ge=1, le=8, description=(
+        "plugin requests per training conversation: each after the first follows the previous answer in the same "
+        "chat, so the tool declarations are read once per session (held-out items stay single requests)"))
     seed: int = Field(0, ge=0)
     held_out: float = Field(0.1, ge=0, lt=1, description="share of groups (questions, refusal topics) held out")
     workers: int = Field(8, ge=1, description="sandbox runs in parallel")
@@ -484,6 +487,34 @@ def _plugin_item(task: _PluginTask, plugins: Sequence[Plugin]) -> Item | str:
                 _assistant(preface, call), Message("environment", output, name=task.plugin),
                 _assistant(_final(say, answer))]
     return Item("plugin", messages, answer, task.question, {"family": task.family, "plugin": task.plugin})
+
+
+def _plugin_sessions(items: Sequence[Item], size: int, held_out: float) -> list[Item]:
+    """Training-split plugin items joined, in order, into conversations of up to `size` requests under one system
+    turn (the tool declarations): the requests that follow carry on the same chat, as a user of a tool-using
+    assistant would. Held-out items stay single, so the evaluation is the same whatever `size` is."""
+    if size == 1:
+        return list(items)
+    sessions: list[Item] = []
+    pending: list[Item] = []
+
+    def flush() -> None:
+        if pending:
+            first, last = pending[0], pending[-1]
+            messages = [*first.messages, *(m for item in pending[1:] for m in item.messages[1:])]
+            sessions.append(Item("plugin", messages, last.answer, first.group,
+                                 {**last.meta, "requests": len(pending)}))
+            pending.clear()
+
+    for item in items:
+        if split_of(item.group, held_out) != "train":
+            sessions.append(item)
+            continue
+        pending.append(item)
+        if len(pending) == size:
+            flush()
+    flush()
+    return sessions
 
 
 # ------------------------------------------------------------------------------------------- python functions
@@ -1361,8 +1392,9 @@ def build_sft(cfg: SFTDataConfig | None = None, docs: Sequence[str] = ()) -> SFT
         "arithmetic": _arithmetic(streams["arithmetic"], counts["arithmetic"]),
         "interpreter": _checked(_unique(_code_task, streams["interpreter"], lambda t: t.question),
                                 counts["interpreter"], _interpreter_item, cfg.workers, dropped, "interpreter"),
-        "plugin": _checked(_unique(_plugin_task, streams["plugin"], lambda t: t.question), counts["plugin"],
-                           lambda t: _plugin_item(t, plugins), 1, dropped, "plugin"),
+        "plugin": _plugin_sessions(_checked(_unique(_plugin_task, streams["plugin"], lambda t: t.question),
+                                            counts["plugin"], lambda t: _plugin_item(t, plugins), 1, dropped,
+                                            "plugin"), cfg.plugin_session, cfg.held_out),
         "python_function": _checked(_unique(_function_task, streams["python_function"], lambda t: t.group),
                                     counts["python_function"], _function_item, cfg.workers, dropped,
                                     "python_function"),
@@ -1372,7 +1404,8 @@ def build_sft(cfg: SFTDataConfig | None = None, docs: Sequence[str] = ()) -> SFT
     }
     if counts["long_context"] and not docs:
         log.warning("sft data: no docs given, so no long_context items (asked for %d)", counts["long_context"])
-    short = {kind: counts[kind] * (2 if kind == "refusal" else 1) - len(made[kind]) for kind in KINDS}
+    requests = {kind: sum(int(item.meta.get("requests", 1)) for item in made[kind]) for kind in KINDS}
+    short = {kind: counts[kind] * (2 if kind == "refusal" else 1) - requests[kind] for kind in KINDS}
     short = {kind: gap for kind, gap in short.items() if gap > 0}
     records = [_record(item, i, cfg.held_out) for kind in KINDS for i, item in enumerate(made[kind])]
     log.info("sft data: %s; dropped %s; short %s", dict(Counter(r["meta"]["kind"] for r in records)),

@@ -181,6 +181,30 @@ def test_plugin_outputs_are_real_calls(records: list[dict]) -> None:
         assert not env.content.startswith("error") and final.content.endswith(f"Answer: {r['meta']['answer']}")
 
 
+def test_plugin_sessions_join_training_requests_and_leave_held_out_single(records: list[dict]) -> None:
+    cfg = SMALL.model_copy(update={"arithmetic": 0, "interpreter": 0, "python_function": 0, "multi_turn": 0,
+                                   "refusal": 0, "long_context": 0, "plugin_session": 3})
+    build = build_sft(cfg)
+    single = of(records, "plugin")
+    assert build.short == {}  # 30 requests made, in fewer conversations
+    sessions = build.records
+    held = [r for r in sessions if r["meta"]["split"] == "held_out"]
+    same = [(r["messages"], r["meta"]) for r in single if r["meta"]["split"] == "held_out"]
+    assert held and [(r["messages"], r["meta"]) for r in held] == same  # the evaluation does not change
+    train = [r for r in sessions if r["meta"]["split"] == "train"]
+    sizes = [r["meta"]["requests"] for r in train]
+    assert sizes[:-1] == [3] * (len(train) - 1) and 1 <= sizes[-1] <= 3 and sum(sizes) == len(single) - len(held)
+    # the same requests, in order: each session is its singles' turns after one shared system turn
+    singles = [parse_chat(r, plugins=PLUGIN_NAMES) for r in single if r["meta"]["split"] == "train"]
+    joined = [parse_chat(r, plugins=PLUGIN_NAMES) for r in train]
+    assert [m for chat in joined for m in chat[1:]] == [m for chat in singles for m in chat[1:]]
+    assert all(chat[0] == singles[0][0] and [m.role for m in chat].count("system") == 1 for chat in joined)
+    for record, chat in zip(train, joined, strict=True):
+        users = [m for m in chat if m.role == "user"]
+        assert len(users) == record["meta"]["requests"]
+        assert chat[-1].content.endswith(f"Answer: {record['meta']['answer']}")  # the last request is judged
+
+
 def test_python_functions_pass_their_hidden_tests_and_a_wrong_one_fails(records: list[dict]) -> None:
     items = of(records, "python_function")
     assert len({r["meta"]["family"] for r in items}) >= 5
@@ -299,6 +323,8 @@ def test_config_and_inputs_are_validated() -> None:
         SFTDataConfig(interpreter=-1)
     with pytest.raises(ValidationError):
         SFTDataConfig(tool_use=3)  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="plugin_session"):
+        SFTDataConfig(plugin_session=0)
     with pytest.raises(ValueError, match="not one string"):
         build_sft(SFTDataConfig(), "a single document")
     empty = build_sft(SFTDataConfig(arithmetic=0, interpreter=0, plugin=0, python_function=0, multi_turn=0,
