@@ -396,12 +396,14 @@ def sft_task(
                 if isinstance(v, int | float)}
         flat.update({f"eval/{name}/kind/{k}": float(v) for name, s in scores.items()
                      for k, v in s["per_kind"].items()})
+        flat.update({f"eval/{name}/tool/{tool}/executed": float(t["executed"]) for name, s in scores.items()
+                     for tool, t in s["tool_calls_executed_per_tool"].items()})
         gain = paired_gain(scores["with_tools"]["correct"], scores["without_tools"]["correct"])
         flat.update({f"eval/tools_vs_none/{k}": v for k, v in gain.items()})
         tracker.log_metrics(ref, flat)
         storage.write_json(storage.join(out_url, "eval.json"), {**scores, "tools_vs_none": gain})
-        rows = [{"setting": name, **{k: v for k, v in s.items() if k not in ("per_kind", "failed_calls", "correct")}}
-                for name, s in scores.items()]
+        nested = ("per_kind", "failed_calls", "correct", "tool_calls_executed_per_tool")
+        rows = [{"setting": name, **{k: v for k, v in s.items() if k not in nested}} for name, s in scores.items()]
         table_artifact("sft-eval", rows, f"SFT held-out evaluation of {out_url}")
     return {"native_url": result.native_url, "final_loss": result.final_loss, "eval": scores,
             "quarantined": len(bad) + len(bad_held), "run_id": ref.run_id}

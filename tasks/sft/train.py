@@ -10,15 +10,19 @@ without tools.
   plugins; a tool call the model writes is executed — Python in the sandbox, plugins for real — and its result goes
   back as an environment turn, up to `max_tool_rounds` times) and *without* (no tools declared; a call the model
   writes anyway is not executed). Reported: the share of tool calls that are well formed and executed without
-  error, and the accuracy of the final answers (`tasks.sft.generate.check_answer`), per kind and overall.
+  error (overall and per tool), the accuracy of the final answers (`tasks.sft.generate.check_answer`), per kind and
+  overall, and how many plugin calls carry every number of their question (`grounded_call`): a call can run and
+  still not be about the question, and this tells the two apart.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any
 
 import torch
@@ -113,6 +117,25 @@ def tool_round(content: str, call: ToolCall, plugin_table: dict[str, Any], sandb
     return [Message("assistant", content, tool_call=call), Message("environment", result, name=answering)], ok
 
 
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?")
+
+
+def numbers_in(text: str) -> set[Decimal]:
+    """The decimal numbers written in `text` (``1,234`` read as 1234; ``7.30`` and ``7.3`` alike), as values."""
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
+    return {Decimal(m).normalize() for m in _NUMBER.findall(text)}
+
+
+def grounded_call(question: str, call: ToolCall) -> bool | None:
+    """Whether a plugin call carries every number of the question it answers (None: not a plugin call, or the
+    question has no number). Every reference plugin call the generator writes does; a model that writes one
+    memorised call whatever it is asked does not, even when that call runs."""
+    wanted = numbers_in(question)
+    if call.kind != "plugin" or not wanted:
+        return None
+    return wanted <= numbers_in(json.dumps(call.arguments or {}))
+
+
 def interleave_kinds(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The records round-robin over their kinds (each kind in its own order), so a cut at any length keeps every kind
     represented: held-out files are written kind by kind."""
@@ -136,6 +159,9 @@ def evaluate(
     chats = [_prompt_turns(r, with_tools, plugins) for r in records]
     finals: list[str] = [""] * len(records)
     calls, well_formed, executed = 0, 0, 0
+    per_tool: dict[str, list[int]] = {}  # tool -> [calls, executed]
+    grounded: list[bool] = []  # per plugin call whose question has a number: does the call carry them all?
+    questions = [next(m.content for m in reversed(chat) if m.role == "user") for chat in chats]
     failed: list[dict[str, Any]] = []  # the calls that did not run, for diagnosis (the first 50)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, stop_ids=tuple(stop_token_ids(tokenizer)))
     active = list(range(len(records)))
@@ -166,6 +192,12 @@ def evaluate(
             well_formed += 1
             turns, ok = tool_round(content, call, plugin_table, sandbox)
             executed += ok
+            tally = per_tool.setdefault(call.tool, [0, 0])
+            tally[0] += 1
+            tally[1] += ok
+            grounding = grounded_call(questions[i], call)
+            if grounding is not None:
+                grounded.append(grounding)
             if not ok:
                 failed.append({"item": i, "stage": "execution", "text": text, "reason": turns[-1].content[:500]})
             chats[i] = [*chats[i], *turns]
@@ -180,6 +212,10 @@ def evaluate(
             "tool_calls_executed": executed / calls if calls else 0.0,
             "accuracy_ci95": wilson_interval(sum(correct), len(records)),
             "tool_calls_executed_ci95": wilson_interval(executed, calls),
+            "tool_calls_executed_per_tool": {tool: {"calls": n, "executed": ok / n}
+                                             for tool, (n, ok) in sorted(per_tool.items())},
+            "plugin_calls_grounded": sum(grounded) / len(grounded) if grounded else 0.0,
+            "plugin_calls_grounded_ci95": wilson_interval(sum(grounded), len(grounded)),
             "per_kind": per_kind, "failed_calls": failed[:50], "correct": correct}
 
 

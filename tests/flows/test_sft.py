@@ -79,6 +79,10 @@ def test_held_out_evaluation_with_and_without_tools(trained: tuple[Path, Where, 
         assert sum(setting["correct"]) == pytest.approx(setting["accuracy"] * setting["items"])
         low, high = setting["accuracy_ci95"]
         assert 0 <= low <= setting["accuracy"] <= high <= 1
+        per_tool = setting["tool_calls_executed_per_tool"]
+        well_formed = round(setting["tool_calls"] * setting["tool_calls_well_formed"])
+        assert sum(t["calls"] for t in per_tool.values()) == well_formed
+        assert 0 <= setting["plugin_calls_grounded"] <= 1
     pairs = list(zip(scores["with_tools"]["correct"], scores["without_tools"]["correct"], strict=True))
     assert gain["only_with_tools"] == sum(a and not b for a, b in pairs)
     assert gain["only_without_tools"] == sum(b and not a for a, b in pairs) and 0 < gain["p_value"] <= 1

@@ -1,10 +1,15 @@
-"""The statistics the SFT evaluation reports: Wilson intervals and the paired tools-vs-none sign test."""
+"""The statistics the SFT evaluation reports: Wilson intervals, the paired tools-vs-none sign test, and whether a
+plugin call is about its question."""
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
 
-from tasks.sft.train import paired_gain, wilson_interval
+from model.chat import ToolCall, parse_chat
+from tasks.sft.generate import SFTDataConfig, generate_sft
+from tasks.sft.train import grounded_call, numbers_in, paired_gain, wilson_interval
 
 
 def test_wilson_interval_matches_newcombes_worked_examples() -> None:
@@ -34,3 +39,34 @@ def test_paired_gain_counts_discordant_items_and_runs_the_exact_sign_test() -> N
 def test_paired_gain_needs_the_same_items() -> None:
     with pytest.raises(ValueError, match="equal lengths"):
         paired_gain([True], [True, False])
+
+
+def test_numbers_in_reads_values_not_spellings() -> None:
+    assert numbers_in("Pay $7.30 for 1,234 items in 2 days") == {Decimal("7.3"), Decimal(1234), Decimal(2)}
+    assert numbers_in("no digits, v2 or x1.5") == set()  # digits inside words are not numbers
+
+
+def test_a_plugin_call_is_grounded_only_if_it_carries_every_number_of_its_question() -> None:
+    question = "How many seconds is 303 hours?"
+    right = ToolCall("plugin", name="unit_converter", arguments={"value": 303, "from_unit": "h", "to_unit": "s"})
+    memorised = ToolCall("plugin", name="unit_converter", arguments={"value": 421, "from_unit": "h", "to_unit": "s"})
+    assert grounded_call(question, right) is True and grounded_call(question, memorised) is False
+    average = ToolCall("plugin", name="calculator", arguments={"expression": "(12 + 7.5 + 3) / 3"})
+    assert grounded_call("What is the average of 12, 7.50 and 3?", average) is True
+    assert grounded_call("What is the average of 12, 8 and 3?", average) is False
+    assert grounded_call("Reverse 'abc'.", right) is None  # no number asked about: nothing to carry
+    assert grounded_call(question, ToolCall("interpreter", code="print(303 * 3600)")) is None
+
+
+def test_every_reference_plugin_call_the_generator_writes_is_grounded() -> None:
+    cfg = SFTDataConfig(arithmetic=0, interpreter=0, plugin=60, python_function=0, multi_turn=0, refusal=0,
+                        long_context=0, seed=3)
+    seen = 0
+    for record in generate_sft(cfg):
+        chat = parse_chat(record)
+        for at, message in enumerate(chat):
+            if message.tool_call is not None:
+                question = next(m.content for m in reversed(chat[:at]) if m.role == "user")
+                assert grounded_call(question, message.tool_call) is True, (question, message.tool_call)
+                seen += 1
+    assert seen == 60
