@@ -23,7 +23,8 @@ from model.tokenizer import Tokenizer
 from tasks.clean.ledger import Ledger
 from tasks.longtext.perplexity import score_token_ids
 
-pytestmark = pytest.mark.slow
+# the first test pays for the whole run (the module fixture), past the suite-wide 900 s timeout
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * 3600)]
 
 
 @pytest.fixture(scope="module")
